@@ -1,0 +1,1 @@
+"""Device-agnostic kernel code (installed as omniq.kernels): Triton kernels and torch paths."""

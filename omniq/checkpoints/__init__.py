@@ -1,0 +1,1 @@
+"""Readers from public checkpoint formats to QuantizedWeight."""

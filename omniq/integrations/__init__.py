@@ -1,0 +1,1 @@
+"""Integrations with vLLM and vLLM-Omni."""

@@ -1,0 +1,30 @@
+"""Shared test set-up: a CI-bounded hypothesis profile and the GPU marker's skip reason."""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", max_examples=300, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine); run `pytest -m gpu` on one")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Each test tunes into its own cache directory, never the user's."""
+    monkeypatch.setenv("OMNIQ_CACHE_DIR", str(tmp_path / "omniq-cache"))
+    from omniq.dispatch import tuning
+    tuning.forget()
+    yield
+    tuning.forget()
