@@ -21,7 +21,8 @@ $(VENV)/.installed: setup.py requirements-test.txt
 venv: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -n 2 $(PYTEST_ARGS) tests
+	# one thread per xdist worker: two workers on two cores, no oversubscription
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -n 2 $(PYTEST_ARGS) tests
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run.py

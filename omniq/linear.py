@@ -14,8 +14,7 @@ import weakref
 import torch
 
 from omniq.dispatch import overrides
-from omniq.dispatch.kernel import M_BUCKETS, Problem, m_bucket
-from omniq.dispatch.registry import get_kernel
+from omniq.dispatch.kernel import CHECKPOINT, Problem, m_bucket
 from omniq.dispatch.select import candidates, choose, explain_problem, forced
 from omniq.errors import KernelError, OmniqError, where
 from omniq.schemes.base import QuantizedWeight
@@ -38,6 +37,9 @@ class PreparedLinear:
         self.layout = layout or self._pick_layout(act_dtype)
         kernel = next(k for k in _all() if k.layout.name == self.layout)
         self.data = kernel.layout.prepare(qw, self.device)
+        if self.layout != CHECKPOINT.name:
+            # keep the metadata only: the repacked layout is this layer's one weight copy
+            self.qw = QuantizedWeight(qw.scheme, qw.shape, {}, name=qw.name, validate=False)
         self._choices: dict = {}
         self._generation = overrides.generation()
         self.handle = next(self._handles)
@@ -47,21 +49,31 @@ class PreparedLinear:
         return Problem(self.qw.scheme, self.n, self.k, m, act_dtype, self.device)
 
     def _pick_layout(self, act_dtype: torch.dtype) -> str:
-        f = forced(self.problem(1, act_dtype), None, self.qw.name)
-        if f is not None:
-            return f.layout.name
+        """The one layout this layer keeps: among layouts with a valid kernel at every
+        representative M, the one whose kernels win the most of those M."""
+        problems = [self.problem(m, act_dtype) for m in LAYOUT_VOTE_M]
+        if overrides.forced_kernel():
+            errors = []
+            for pr in problems:  # the forced kernel must run this N x K for some M
+                try:
+                    return forced(pr, None, self.qw.name).layout.name
+                except KernelError as e:
+                    errors.append(e)
+            raise errors[0]
+        per_m = [candidates(pr) for pr in problems]
+        layouts = {k.layout.name for ks in per_m for k in ks}
+        covering = {l for l in layouts if all(any(k.layout.name == l for k in ks) for ks in per_m)}
+        if not covering:
+            choose(problems[0], None, None, self.qw.name)  # raises with the reason if nothing runs
+            raise KernelError(f"{where(self.qw.name)}no single weight layout has a kernel for every M "
+                              f"in {LAYOUT_VOTE_M}; see omniq.explain()")
         votes: dict[str, int] = {}
-        first = None
-        for m in LAYOUT_VOTE_M:
-            try:
-                k = choose(self.problem(m, act_dtype), None, None, self.qw.name)
-            except KernelError:
-                continue
-            first = first or k.layout.name
-            votes[k.layout.name] = votes.get(k.layout.name, 0) + 1
-        if not votes:
-            choose(self.problem(1, act_dtype), None, None, self.qw.name)  # raises with the reason
-        return max(votes, key=lambda l: (votes[l], l == first))
+        for pr in problems:
+            l = choose(pr, covering, None, self.qw.name).layout.name
+            votes[l] = votes.get(l, 0) + 1
+        # ties go to the layout chosen at the largest M (compute-bound calls cost the most)
+        order = [choose(pr, covering, None, self.qw.name).layout.name for pr in reversed(problems)]
+        return max(votes, key=lambda l: (votes[l], -order.index(l)))
 
     @property
     def nbytes(self) -> int:

@@ -61,12 +61,21 @@ def rejection(kernel: Kernel, problem: Problem) -> tuple[str, str] | None:
     return None
 
 
-def candidates(problem: Problem, layout: str | None = None) -> list[Kernel]:
-    """Valid, enabled kernels for `problem` (sharing `layout` if given), by static priority."""
+def _layout_ok(kernel: Kernel, layout) -> bool:
+    """`layout` is None (any), one layout name, or a set of allowed names."""
+    if layout is None:
+        return True
+    if isinstance(layout, str):
+        return kernel.layout.name == layout
+    return kernel.layout.name in layout
+
+
+def candidates(problem: Problem, layout=None) -> list[Kernel]:
+    """Valid, enabled kernels for `problem` (restricted to `layout`: a name or a set of names),
+    by static priority."""
     disabled = overrides.disabled_kernels()
     out = [k for k in all_kernels()
-           if k.name not in disabled and (layout is None or k.layout.name == layout)
-           and rejection(k, problem) is None]
+           if k.name not in disabled and _layout_ok(k, layout) and rejection(k, problem) is None]
     return sorted(out, key=lambda k: -k.priority)
 
 
@@ -80,7 +89,7 @@ def forced(problem: Problem, layout: str | None, layer: str | None = None) -> Ke
     if bad:
         raise KernelError(f"{where(layer)}forced kernel {name!r} cannot run {problem.scheme.name} "
                           f"N={problem.n} K={problem.k} M={problem.m} on {problem.device}: {bad[1]}")
-    if layout is not None and k.layout.name != layout:
+    if not _layout_ok(k, layout):
         raise KernelError(f"{where(layer)}forced kernel {name!r} needs layout {k.layout.name!r} but the weight "
                           f"was prepared as {layout!r}; force the kernel before omniq.prepare()/loading")
     return k

@@ -31,6 +31,11 @@ def scheme(name: str, aliases: tuple[str, ...] = ()):
     return deco
 
 
+def primary_schemes() -> list[str]:
+    """Registered scheme names without their aliases."""
+    return sorted(_SCHEMES)
+
+
 def list_schemes() -> list[str]:
     """Every registered scheme name and alias, sorted."""
     return sorted(set(_SCHEMES) | set(_ALIASES))

@@ -1,0 +1,5 @@
+import sys
+
+from omniq.cli import main
+
+sys.exit(main())
