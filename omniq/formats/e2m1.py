@@ -20,10 +20,14 @@ def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
     return lut[codes.long()]
 
 
-def encode_e2m1(x: torch.Tensor, rounding: str = "rne") -> torch.Tensor:
+def encode_e2m1(x: torch.Tensor, rounding: str = "rne", signed_zero: bool = False) -> torch.Tensor:
     """float values (already divided by their scale) -> uint8 codes 0..15, saturating at 6.
 
     NaN encodes as 0 (E2M1 has no NaN); callers reject NaN weights before this point.
+    Zero's sign: by default every zero is +0 (code 0, as gguf-py's argmin gives); with
+    `signed_zero=True` the input's sign bit is kept, so a negative value that rounds to zero
+    (and -0.0) is -0, code 8, as ml_dtypes and torch casts and ModelOpt's `_cast_fp4` do
+    (ModelOpt tests x < 0, which differs only for -0.0).
     """
     if rounding not in ROUNDING_RULES:
         raise ValueError(f"unknown e2m1 rounding {rounding!r}; allowed: {ROUNDING_RULES}")
@@ -43,5 +47,6 @@ def encode_e2m1(x: torch.Tensor, rounding: str = "rne") -> torch.Tensor:
     elif rounding == "rhaz":
         up |= tie
     code = torch.where(up, hi, lo)
-    sign = (x < 0) & (code != 0)  # -0 encodes as +0
+    code = torch.where(torch.isnan(x), torch.zeros_like(code), code)  # bucketize puts NaN past 6
+    sign = torch.signbit(x) if signed_zero else (x < 0) & (code != 0)
     return (code + 8 * sign.long()).to(torch.uint8)

@@ -25,8 +25,9 @@ def shared_exponent(amax: torch.Tensor, emax_elem: int, elem_max: float, mbits: 
     even  (Quark):    amax's mantissa rounded to `mbits` bits first, then floor
     ceil:             ceil(log2 amax) - emax_elem
     rceil (NVIDIA):   ceil(log2(amax / elem_max))
-    amax == 0 gives the smallest exponent (-127). Exponents above 127 are left as is;
-    `encode_e8m0` turns them into NaN (0xFF) as the OCP rule does.
+    amax == 0 gives the smallest exponent (-127). A NaN or Inf amax gives 128, and exponents
+    above 127 are left as is; `encode_e8m0` turns them into NaN (0xFF) as the OCP rule does
+    (the reference's log2(Inf) and log2(NaN) both land there).
     """
     if rule not in SCALE_RULES:
         raise ValueError(f"unknown MX scale rule {rule!r}; allowed: {SCALE_RULES}")
@@ -48,8 +49,11 @@ def shared_exponent(amax: torch.Tensor, emax_elem: int, elem_max: float, mbits: 
         r = safe / elem_max
         m2, x2 = torch.frexp(r)
         e = (x2 - 1) + (m2 != 0.5).to(x2.dtype)
+        e = torch.where(r == 0, torch.full_like(e, -E8M0_BIAS), e)  # amax/elem_max underflowed
     e = e.to(torch.int32)
-    return torch.where(zero, torch.full_like(e, -E8M0_BIAS), e.clamp(min=-E8M0_BIAS))
+    e = torch.where(zero, torch.full_like(e, -E8M0_BIAS), e.clamp(min=-E8M0_BIAS))
+    # frexp(Inf) and frexp(NaN) report exponent 0; the block's scale must be NaN instead
+    return torch.where(torch.isfinite(amax), e, torch.full_like(e, E8M0_BIAS + 1))
 
 
 def encode_e8m0(e: torch.Tensor) -> torch.Tensor:
