@@ -23,7 +23,9 @@ class TensorSpec:
     features, and `in_step` / `out_step` how many logical features one index there covers
     (8 for int4 packed in int32, the group size for group scales). vLLM's loaders use them
     to shard the tensor under tensor parallelism. `per_tensor` marks a scalar that fused
-    layers (qkv, gate/up) keep once per shard.
+    layers (qkv, gate/up) keep once per shard. `rank0_only` marks a per-output-channel term
+    computed over the full K (msModelSlim's `quant_bias`): a row-parallel layer, whose ranks
+    each sum part of K, adds it on one rank only (zeros elsewhere).
     """
 
     shape: tuple[int, ...]
@@ -35,6 +37,7 @@ class TensorSpec:
     optional: bool = False
     per_tensor: bool = False
     also_accepts: tuple[torch.dtype, ...] = ()
+    rank0_only: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -147,6 +150,12 @@ class QuantScheme:
     def affine_view(self, qw: QuantizedWeight) -> AffineView | None:
         """The weight as AffineView when it is integer codes with group scales, else None."""
         return None
+
+    def calibrate(self, qw: QuantizedWeight, x: torch.Tensor) -> QuantizedWeight:
+        """Fit static activation parameters (e.g. `input_scale`) to sample activations `x`
+        [..., K]; returns a new QuantizedWeight. Methods without static activation
+        parameters return `qw` unchanged."""
+        return qw
 
     def quantize(self, w: torch.Tensor, name: str | None = None) -> QuantizedWeight:
         self.check_weight(w, name)
