@@ -113,6 +113,8 @@ def _nbytes(obj) -> int:
         return sum(_nbytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
         return sum(_nbytes(v) for v in obj)
+    if isinstance(getattr(type(obj), "nbytes", None), property):
+        return int(obj.nbytes)  # a prepared object holding opaque packed data counts itself
     if hasattr(obj, "__dict__"):
         return sum(_nbytes(v) for v in vars(obj).values())
     return 0
@@ -140,6 +142,9 @@ def _prepared(w, device: torch.device, act_dtype) -> PreparedLinear:
 
 
 def _run(x: torch.Tensor, p: PreparedLinear, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.dim() == 2 and x.shape[1] == p.k and x.shape[0]:
+        # the common case (vLLM flattens tokens): no reshape in or out, ~2 us less per call
+        return p.kernel_for(x.shape[0], x.dtype).run(x, p.data, bias)
     if x.shape[-1] != p.k:
         raise OmniqError(f"{where(p.qw.name)}activation has {x.shape[-1]} input features, the weight expects "
                          f"K={p.k}")
@@ -168,7 +173,7 @@ def _linear_fake(x, handle, bias):
 
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + bias with the fastest valid kernel for x's device; x is [..., K]."""
-    p = _prepared(w, x.device, x.dtype)
+    p = w if type(w) is PreparedLinear else _prepared(w, x.device, x.dtype)
     if torch.compiler.is_compiling():
         return _linear_op(x, p.handle, bias)
     return _run(x, p, bias)

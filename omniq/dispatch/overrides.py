@@ -22,7 +22,16 @@ def _stack(attr: str) -> list:
     return getattr(_state, attr)
 
 
+# os.environ's live store on POSIX (bytes keys, kept in step by os.environ's own setters):
+# reading it skips _Environ's per-call key encoding, most of generation()'s cost, and
+# generation() runs on every omniq.linear call.
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_FORCE_KEY, _DISABLE_KEY = b"OMNIQ_KERNEL", b"OMNIQ_DISABLE_KERNELS"
+
+
 def generation() -> tuple:
+    if _ENV_DATA is not None:
+        return (_generation[0], _ENV_DATA.get(_FORCE_KEY), _ENV_DATA.get(_DISABLE_KEY))
     return (_generation[0], os.environ.get("OMNIQ_KERNEL", ""), os.environ.get("OMNIQ_DISABLE_KERNELS", ""))
 
 

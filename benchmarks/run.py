@@ -1,0 +1,807 @@
+#!/usr/bin/env python
+"""omniq kernel microbenchmarks: every valid kernel of every scheme on a shape grid, timed against
+the dense matmul of the same shape in the same run, with its error and the dispatcher's pick.
+
+    python benchmarks/run.py                        # default grid (slow on a CPU: hours)
+    python benchmarks/run.py --quick                # small shapes, a few M: minutes on a CPU
+    python benchmarks/run.py --schemes int8,gptq:bits=4:group_size=128 --shapes 3072x12288 --m 1,16
+    python benchmarks/run.py --json out.json --plot plots/ --graph --peers --overhead
+
+Per (scheme, N x K, M) and per kernel valid there (`omniq.dispatch.candidates` over every
+layout): the median time (CUDA events, or CUDA-graph replay with --graph, on GPUs;
+perf_counter on CPUs), the speedup over the dense baseline, the max error relative to the
+largest |output| of `scheme.matmul` (on the first --err-rows rows), and which kernel
+`omniq.linear` would run. The baseline is `F.linear` on a bf16 weight (cuBLAS on CUDA); on
+a CPU both bf16 and fp32 are timed and the faster one is the baseline (the `base` column).
+
+--peers adds, in the same process and shapes, what users run instead of omniq: torch's
+built-ins (int4 tinygemm, `_scaled_mm`, `_int_mm`, int8 weight-only), gemlite when it is
+importable (CUDA), fbgemm's dynamic int8 linear (CPU) and a plain dequantize-then-matmul.
+--overhead measures what omniq.linear costs above the kernel it calls, choice cached.
+
+Results carry the device name, the date and the git commit. Scheme specs are
+`name[:param=value[:param=value]]` with the same parameters as omniq.get_scheme.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import omniq
+from omniq.cli import TUNE_M, TUNE_SHAPES, _value, default_device
+from omniq.dispatch import Problem, candidates
+
+# Every registered family with its common parameters (DiT / LLM checkpoints as published).
+DEFAULT_SCHEMES = (
+    "fp8", "fp8:weight_granularity=block:activation=block", "int8", "int8:activation=None",
+    "gptq:bits=4:group_size=128", "gptq:bits=4:group_size=128:desc_act=True", "awq:group_size=128",
+    "gptq:bits=8:group_size=128", "mxfp8", "mxfp4", "mxfp4:activation=None", "mxfp4_dualscale",
+    "nvfp4", "nvfp4:activation=None", "gguf:type=q4_k", "gguf:type=q6_k", "gguf:type=q8_0",
+    "w8a8", "w8a8_dynamic", "w4a8_dynamic",
+)
+DEFAULT_SHAPES = TUNE_SHAPES            # (N, K): 3072x12288, 12288x3072, 8192x8192
+DEFAULT_M = TUNE_M                      # 1 .. 8192
+QUICK_SHAPES = ((2048, 4096), (4096, 2048))
+QUICK_M = (1, 16, 256)
+QUICK_SCHEMES = ("fp8", "int8", "int8:activation=None", "gptq:bits=4:group_size=128", "awq:group_size=128",
+                 "mxfp4:activation=None", "nvfp4", "gguf:type=q4_k", "w8a8_dynamic")
+OVERHEAD_TARGET_US = 5.0
+OVERHEAD_SCHEMES = ("int8", "int8:activation=None", "gptq:bits=4:group_size=128")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- small helpers ----------------------------------------------------------------------------
+def parse_scheme(spec: str):
+    """'gptq:bits=4:group_size=128' -> (label, scheme)."""
+    name, *params = spec.split(":")
+    kw = {}
+    for p in params:
+        if "=" not in p:
+            raise SystemExit(f"run.py: bad scheme parameter {p!r} in {spec!r}; write name:param=value")
+        key, val = p.split("=", 1)
+        kw[key.replace("-", "_")] = _value(val)
+    return spec, omniq.get_scheme(name, **kw)
+
+
+def parse_shapes(text: str):
+    out = []
+    for s in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", s)
+        if not m:
+            raise SystemExit(f"run.py: bad shape {s!r}; write N x K as 3072x12288 (out x in features)")
+        out.append((int(m.group(1)), int(m.group(2))))
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads"
+
+
+def llc_bytes() -> int:
+    """The last-level cache size of this CPU (sysfs), 32 MB when unknown."""
+    best = 0
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (d / "size").read_text().strip()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1], 1)
+            best = max(best, int(size.rstrip("KMG")) * mult)
+        except (OSError, ValueError):
+            continue
+    return best or 32 << 20
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha or "unknown") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Progress:
+    """A one-line progress bar on stderr (a line per step when stderr is not a terminal)."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.enabled = max(total, 1), 0, enabled
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        frac = self.done / self.total
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        el = time.perf_counter() - self.t0
+        eta = el / frac - el if frac > 0 else 0
+        line = f"[{bar}] {self.done}/{self.total} {el:6.0f}s eta {eta:5.0f}s  {what}"
+        if self.tty:
+            sys.stderr.write("\r" + line[:150].ljust(150))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+# ---- timing -----------------------------------------------------------------------------------
+class Timer:
+    """Median time of a call: perf_counter on CPUs, CUDA events on GPUs (graph replay with graph=True).
+
+    The first call is a warm-up that also sizes the repetitions to `budget_s`; a call slower
+    than `slow_s` is timed once (n = 1) rather than repeated.
+    """
+
+    def __init__(self, device, budget_s: float, max_reps: int, graph: bool, slow_s: float, flush: bool = True):
+        self.device, self.budget_s, self.max_reps = device, budget_s, max_reps
+        self.graph, self.slow_s = graph, slow_s
+        # A layer's weight is read once per forward pass, cold: evict the caches before each timed
+        # call (CPU: twice the last-level cache; GPU: 256 MB, over four H200 L2s), untimed.
+        self.flush_buf = None
+        if flush:
+            nbytes = 256 << 20 if device.type == "cuda" else max(2 * llc_bytes(), 64 << 20)
+            self.flush_buf = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+
+    def flush(self) -> None:
+        if self.flush_buf is not None:
+            self.flush_buf.fill_(1.0)
+
+    def __call__(self, fn) -> dict:
+        dev = self.device
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        first = time.perf_counter() - t0
+        if first > self.slow_s:
+            return {"us": first * 1e6, "us_min": first * 1e6, "n": 1, "how": "one call (slow)"}
+        fn()
+        sync(dev)
+        reps = max(3, min(self.max_reps, int(self.budget_s / max(first, 1e-7))))
+        if dev.type == "cuda":
+            call, how = fn, "cuda events"
+            if self.graph:
+                g = _capture(fn, dev)
+                if g is not None:
+                    call, how = g.replay, "cuda graph replay"
+                else:
+                    how = "cuda events (graph capture failed)"
+            samples = []
+            for _ in range(reps):
+                self.flush()
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                call()
+                e.record()
+                e.synchronize()
+                samples.append(s.elapsed_time(e) * 1e3)
+        else:
+            how, samples = "perf_counter", []
+            for _ in range(reps):
+                self.flush()
+                t0 = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - t0) * 1e6)
+        if self.flush_buf is not None:
+            how += ", caches flushed"
+        return {"us": statistics.median(samples), "us_min": min(samples), "n": len(samples), "how": how}
+
+
+def _capture(fn, device):
+    """A CUDA graph of fn (warmed up on a side stream first, as capture requires), or None."""
+    try:
+        s = torch.cuda.Stream(device)
+        s.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        g.replay()
+        sync(device)
+        return g
+    except Exception:  # a kernel that allocates or syncs during capture: time it eagerly
+        sync(device)
+        return None
+
+
+def max_rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |y - ref| / max |ref|: the error at the scale of the layer's outputs."""
+    den = ref.float().abs().max().item()
+    num = (y.float() - ref.float()).abs().max().item()
+    if not math.isfinite(num):
+        return float("inf")
+    return num / den if den > 0 else num
+
+
+# ---- the dense baseline -----------------------------------------------------------------------
+def dense_baseline(w: torch.Tensor, xs: dict, timer: Timer, device) -> dict:
+    """{M: {...}} with bf16 F.linear, and on CPUs fp32 too; `base` names the faster one there."""
+    wb = w.to(torch.bfloat16)
+    wf = w.float() if device.type == "cpu" else None
+    out = {}
+    for m, x in xs.items():
+        xb = x.to(torch.bfloat16)
+        t = timer(lambda: F.linear(xb, wb))
+        row = {"bf16_us": t["us"], "bf16_us_min": t["us_min"]}
+        base = "bf16"
+        if wf is not None:
+            xf = x.float()
+            t = timer(lambda: F.linear(xf, wf))
+            row.update(fp32_us=t["us"], fp32_us_min=t["us_min"])
+            if row["fp32_us"] < row["bf16_us"]:
+                base = "fp32"
+        row["base"] = base
+        row["base_us"] = row[f"{base}_us"]
+        out[m] = row
+    return out
+
+
+# ---- omniq's kernels --------------------------------------------------------------------------
+def bench_scheme(label, scheme, w, xs, base, args, timer, device, dtype, progress):
+    n, k = w.shape
+    rows = []
+    try:
+        qw = scheme.quantize(w)
+        qw = scheme.calibrate(qw, xs[max(xs)][:64].float())
+        p = omniq.prepare(qw, device, dtype)
+    except Exception as e:
+        for m in xs:
+            rows.append({"scheme": label, "n": n, "k": k, "m": m, "kernel": None, "error": f"{type(e).__name__}: {e}"})
+            progress.step(f"{label} {n}x{k} M={m}: {e}")
+        return rows
+    layouts = {p.layout: p.data}
+    broken: dict[str, str] = {}
+    for m, x in xs.items():
+        r = min(m, args.err_rows)
+        xr = x[:r].contiguous()
+        ref = scheme.matmul(xr, qw)
+        try:
+            chosen = p.kernel_for(m, dtype).name
+        except Exception as e:
+            chosen = None
+            rows.append({"scheme": label, "n": n, "k": k, "m": m, "kernel": None, "error": f"dispatch: {e}"})
+        problem = Problem(scheme, n, k, m, dtype, device)
+        for kern in candidates(problem):
+            if args.kernels and not re.search(args.kernels, kern.name):
+                continue
+            row = {"scheme": label, "scheme_key": scheme.key, "n": n, "k": k, "m": m, "kernel": kern.name,
+                   "backend": kern.backend, "layout": kern.layout.name, "chosen": kern.name == chosen,
+                   "base": base[m]["base"], "base_us": base[m]["base_us"]}
+            lname = kern.layout.name
+            if lname in broken:
+                rows.append({**row, "error": broken[lname]})
+                continue
+            if lname not in layouts:
+                try:
+                    layouts[lname] = kern.layout.prepare(qw, device)
+                except Exception as e:
+                    broken[lname] = f"prepare: {type(e).__name__}: {e}"
+                    rows.append({**row, "error": broken[lname]})
+                    continue
+            prep = layouts[lname]
+            try:
+                row["err"] = max_rel_err(kern.run(xr, prep, None), ref)
+                t = timer(lambda: kern.run(x, prep, None))
+            except Exception as e:
+                rows.append({**row, "error": f"{type(e).__name__}: {e}"[:300]})
+                continue
+            row.update(us=t["us"], us_min=t["us_min"], reps=t["n"], timing=t["how"],
+                       speedup=base[m]["base_us"] / t["us"])
+            rows.append(row)
+        progress.step(f"{label} {n}x{k} M={m}")
+    return rows
+
+
+# ---- peers ------------------------------------------------------------------------------------
+def _per_token_int8(x):
+    xf = x.float()
+    s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
+    return torch.round(xf / s).clamp(-128, 127).to(torch.int8), s
+
+
+def _per_token_fp8(x):
+    xf = x.float()
+    s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 448
+    return (xf / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
+
+
+def build_peers(w: torch.Tensor, device) -> dict:
+    """name -> (method, callable(x) -> y) for one weight. Built independently of omniq's kernels.
+    A peer that cannot be built here maps to (method, reason string)."""
+    n, k = w.shape
+    g = 128
+    cuda = device.type == "cuda"
+    peers = {}
+    wf = w.float()
+
+    def add(name, method, build):
+        try:
+            peers[name] = (method, build())
+        except Exception as e:
+            peers[name] = (method, f"{type(e).__name__}: {e}".splitlines()[0][:200])
+
+    # int4 codes with group-128 scales and zeros (asymmetric, tinygemm's (q - 8) * s + z form)
+    def int4_parts():
+        wg = wf.reshape(n, k // g, g)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        s = ((hi - lo) / 15).clamp(min=1e-8)
+        q = torch.round((wg - lo[..., None]) / s[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
+        return q, s, lo  # W = q * s + lo
+
+    def tinygemm():
+        q, s, lo = int4_parts()
+        sz = torch.stack([s.T, (lo + 8 * s).T], -1).to(torch.bfloat16).contiguous()
+        if cuda:
+            qu8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            packed = torch._convert_weight_to_int4pack(qu8, 8)
+            return lambda x: torch._weight_int4pack_mm(x.to(torch.bfloat16), packed, g, sz)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, g, sz)
+
+    add("int4 tinygemm" + ("" if cuda else " (cpu)"), "int4 W4A16 g128", tinygemm)
+
+    def int4_dequant_mm():
+        q, s, lo = int4_parts()
+        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+        sb, lb = s.to(torch.bfloat16), lo.to(torch.bfloat16)
+
+        def run(x):
+            codes = torch.stack([packed & 0xF, packed >> 4], -1).reshape(n, k // g, g).to(torch.bfloat16)
+            wd = (codes * sb[..., None] + lb[..., None]).reshape(n, k)
+            return F.linear(x.to(torch.bfloat16), wd)
+        return run
+
+    add("int4 dequant+mm", "int4 W4A16 g128", int4_dequant_mm)
+
+    ws8 = wf.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
+    w8 = torch.round(wf / ws8).clamp(-128, 127).to(torch.int8)
+
+    def int_mm():
+        wt, sw = w8.t(), ws8.reshape(1, n)
+
+        def run(x):
+            xq, sx = _per_token_int8(x)
+            m = xq.shape[0]
+            if cuda and m <= 16:  # cuBLASLt int8 needs M > 16
+                xq = torch.cat([xq, xq.new_zeros(17 - m, k)])
+            return (torch._int_mm(xq, wt)[:m].float() * sx * sw).to(x.dtype)
+        return run
+
+    add("int8 _int_mm + act quant", "int8 W8A8 dynamic", int_mm)
+
+    if not cuda:
+        def int8pack():
+            s = ws8.reshape(n).to(torch.bfloat16)
+            return lambda x: torch._weight_int8pack_mm(x.to(torch.bfloat16), w8, s)
+        add("int8 w-only _weight_int8pack_mm", "int8 W8A16", int8pack)
+
+        def fbgemm_dynamic():
+            qweight = torch.quantize_per_channel(wf, ws8.reshape(n).double(), torch.zeros(n, dtype=torch.long),
+                                                 0, torch.qint8)
+            packed = torch.ops.quantized.linear_prepack(qweight, None)
+            return lambda x: torch.ops.quantized.linear_dynamic(x.float(), packed).to(x.dtype)
+        add("int8 fbgemm linear_dynamic (per-tensor act)", "int8 W8A8 dynamic", fbgemm_dynamic)
+
+    def scaled_mm():
+        s = wf.abs().amax(1, keepdim=True).clamp(min=1e-12) / 448
+        wq = (wf / s).clamp(-448, 448).to(torch.float8_e4m3fn)
+        sw = s.reshape(1, n).contiguous()
+
+        def run(x):
+            xq, sx = _per_token_fp8(x)
+            return torch._scaled_mm(xq, wq.t(), sx, sw, out_dtype=torch.bfloat16)
+        return run
+
+    add("fp8 _scaled_mm + act quant", "fp8 W8A8 dynamic", scaled_mm)
+
+    if cuda:
+        _add_gemlite(add, w, device, int4_parts, g)
+    return peers
+
+
+def _add_gemlite(add, w, device, int4_parts, g):
+    try:
+        import gemlite  # noqa: F401
+        from gemlite import helper
+    except Exception as e:
+        add("gemlite", "-", lambda: (_ for _ in ()).throw(RuntimeError(f"gemlite not importable: {e}")))
+        return
+    wb = w.to(torch.bfloat16)
+    n, k = w.shape
+
+    def linear_layer():
+        lin = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+        lin.weight.data.copy_(wb)
+        return lin
+
+    def a16w4():
+        q, s, lo = int4_parts()
+        # gemlite's A16Wn: W = (W_q - zeros) * scales, per group along K
+        zeros = (-lo / s).to(torch.bfloat16)
+        return helper.A16Wn(device=str(device)).from_weights(q.to(torch.uint8), s.to(torch.bfloat16), zeros, 4, g)
+
+    add("int4 gemlite", "int4 W4A16 g128", a16w4)
+    add("int8 w-only gemlite", "int8 W8A16", lambda: helper.A16W8(device=str(device)).from_linear(linear_layer()))
+    add("fp8 W8A8 gemlite", "fp8 W8A8 dynamic",
+        lambda: helper.A8W8_fp8_dynamic(device=str(device)).from_linear(linear_layer()))
+    add("int8 W8A8 gemlite", "int8 W8A8 dynamic",
+        lambda: helper.A8W8_int8_dynamic(device=str(device)).from_linear(linear_layer()))
+
+    def mxfp4():
+        cls = getattr(helper, "A16W4_MXFP", None)
+        if cls is None:
+            raise RuntimeError("this gemlite has no helper.A16W4_MXFP")
+        return cls(device=str(device)).from_linear(linear_layer())
+
+    add("mxfp4 w-only gemlite", "mxfp4 W4A16", mxfp4)
+
+
+def bench_peers(w, xs, base, timer, progress) -> list[dict]:
+    n, k = w.shape
+    rows = []
+    peers = build_peers(w, w.device)
+    for m, x in xs.items():
+        xb = x.to(torch.bfloat16)
+        for name, (method, fn) in peers.items():
+            row = {"peer": name, "method": method, "n": n, "k": k, "m": m, "base": base[m]["base"],
+                   "base_us": base[m]["base_us"]}
+            if isinstance(fn, str):
+                rows.append({**row, "error": fn})
+                continue
+            try:
+                t = timer(lambda: fn(xb))
+                rows.append({**row, "us": t["us"], "us_min": t["us_min"], "reps": t["n"], "timing": t["how"],
+                             "speedup": base[m]["base_us"] / t["us"]})
+            except Exception as e:
+                rows.append({**row, "error": f"{type(e).__name__}: {e}".splitlines()[0][:200]})
+        progress.step(f"peers {n}x{k} M={m}")
+    return rows
+
+
+# ---- dispatch overhead ------------------------------------------------------------------------
+def measure_overhead(specs, device, dtype, iters: int) -> list[dict]:
+    """Per call: omniq.linear(x, prepared) minus kernel.run(x, prepared.data) on a small layer
+    (so the kernel's own time, and its noise, stay small), the choice already cached. Blocks of
+    20 calls of each alternate, so that both see the same machine state; medians over blocks."""
+    out = []
+    n = k = 256
+    block = 20
+    pc = time.perf_counter
+    for spec in specs:
+        label, scheme = parse_scheme(spec)
+        qw = scheme.quantize(torch.randn(n, k, device=device) * 0.02)
+        p = omniq.prepare(qw, device, dtype)
+        for shape in ((1, k), (1, 1, k)):
+            x = torch.randn(*shape, device=device, dtype=dtype)
+            kern = p.kernel_for(1, dtype)
+            data = p.data
+            lead = x.shape[:-1]
+            # the kernel as a caller without omniq would run it: flattened in, reshaped out
+            direct = ((lambda: kern.run(x, data, None)) if x.dim() == 2 else
+                      (lambda: kern.run(x.reshape(-1, k), data, None).reshape(*lead, n)))
+            fns = {"kernel": direct, "linear": lambda: omniq.linear(x, p),
+                   "linear_qw": lambda: omniq.linear(x, qw)}
+            for f in fns.values():
+                for _ in range(200):
+                    f()
+            sync(device)
+            samples = {name: [] for name in fns}
+            for _ in range(max(1, iters // block)):
+                for name, f in fns.items():
+                    t0 = pc()
+                    for _ in range(block):
+                        f()
+                    samples[name].append((pc() - t0) / block)
+            kd, kv, kq = (statistics.median(samples[v]) * 1e6 for v in ("kernel", "linear", "linear_qw"))
+            out.append({"scheme": label, "kernel": kern.name, "x_shape": list(shape), "kernel_us": kd,
+                        "linear_us": kv, "overhead_us": kv - kd, "linear_qw_us": kq, "overhead_qw_us": kq - kd,
+                        "target_us": OVERHEAD_TARGET_US})
+    return out
+
+
+def dispatch_breakdown(spec, device, dtype, number: int = 20000) -> list[tuple[str, float]]:
+    """Where omniq.linear's own time goes, piece by piece (min over repeats, us per call): the
+    whole call around a kernel that does nothing, and each step of the hot path on its own."""
+    import timeit
+    from omniq.dispatch import overrides
+    from omniq.dispatch.kernel import m_bucket
+    from omniq.linear import _prepared
+    _, scheme = parse_scheme(spec)
+    k = 256
+    qw = scheme.quantize(torch.randn(256, k, device=device) * 0.02)
+    p = omniq.prepare(qw, device, dtype)
+    x2 = torch.randn(1, k, device=device, dtype=dtype)
+    x3 = x2.reshape(1, 1, k)
+    y = torch.empty(1, 256, device=device, dtype=dtype)
+
+    class _NoOp:  # stands in for the kernel so that only dispatch is timed
+        name = "no-op"
+
+        def run(self, x, prepared, bias):
+            return y
+
+    p.kernel_for(1, dtype)
+    pq = _prepared(qw, x2.device, dtype)  # the copy omniq.linear(x, qw) finds in its weak cache
+    pq.kernel_for(1, dtype)
+    real = {id(q): dict(q._choices) for q in (p, pq)}
+    for q in (p, pq):
+        for key in q._choices:
+            q._choices[key] = _NoOp()
+    env = {"omniq": omniq, "p": p, "qw": qw, "x2": x2, "x3": x3, "y": y, "torch": torch, "dtype": dtype,
+           "overrides": overrides, "m_bucket": m_bucket, "_prepared": _prepared, "dev": x2.device}
+    steps = [("omniq.linear(x[1, K], prepared), no-op kernel", "omniq.linear(x2, p)"),
+             ("omniq.linear(x[1, 1, K], prepared), no-op kernel", "omniq.linear(x3, p)"),
+             ("omniq.linear(x[1, K], QuantizedWeight), no-op kernel", "omniq.linear(x2, qw)"),
+             ("  PreparedLinear.kernel_for (choice cached)", "p.kernel_for(1, dtype)"),
+             ("    overrides.generation()", "overrides.generation()"),
+             ("    m_bucket(m)", "m_bucket(1)"),
+             ("  torch.compiler.is_compiling()", "torch.compiler.is_compiling()"),
+             ("  x.reshape(-1, K)  (3-D input only)", "x3.reshape(-1, 256)"),
+             ("  y.reshape(*lead, N)  (3-D input only)", "y.reshape(1, 1, 256)"),
+             ("  weak-dict lookup of a QuantizedWeight's prepared copy", "_prepared(qw, dev, dtype)")]
+    out = []
+    try:
+        for label, stmt in steps:
+            t = min(timeit.repeat(stmt, globals=env, number=number, repeat=5)) / number * 1e6
+            out.append((label, t))
+    finally:
+        for q in (p, pq):
+            q._choices.update(real[id(q)])
+    return out
+
+
+# ---- output -----------------------------------------------------------------------------------
+def _fmt_us(v):
+    if v is None:
+        return "-"
+    return f"{v:,.1f}" if v < 1e5 else f"{v:,.0f}"
+
+
+def _fmt_x(v: float) -> str:
+    return f"{v:.2f}x" if v >= 0.1 else f"{v:.2g}x"
+
+
+def print_tables(meta, results, peers, overhead, out=sys.stdout):
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    p(f"# omniq benchmark  {meta['date']}  commit {meta['commit']}")
+    p(f"# device: {meta['device_name']} ({meta['device']}), torch {meta['torch']}, act dtype {meta['dtype']}")
+    p(f"# baseline: {meta['baseline']}; timing: median, caches {'flushed' if meta['cache_flush'] else 'warm'} "
+      f"before each call, {meta['threads']} threads")
+    p(f"# err: max |y - scheme.matmul| / max |scheme.matmul| over the first {meta['err_rows']} rows; "
+      f"* = the kernel omniq.linear picks")
+    if results:
+        p("")
+        hdr = (f"{'scheme':<42} {'N x K':>12} {'M':>5} {'base':>4} {'base us':>11}  {'kernel':<26} {'us':>11} "
+               f"{'speedup':>8} {'err':>9}")
+        p(hdr)
+        p("-" * len(hdr))
+        for r in results:
+            shape = f"{r['n']}x{r['k']}"
+            if r.get("error"):
+                p(f"{r['scheme']:<42} {shape:>12} {r['m']:>5} {'':>4} {'':>11}  {str(r.get('kernel')):<26} "
+                  f"error: {r['error'][:90]}")
+                continue
+            mark = "*" if r.get("chosen") else " "
+            p(f"{r['scheme']:<42} {shape:>12} {r['m']:>5} {r['base']:>4} {_fmt_us(r['base_us']):>11} "
+              f"{mark}{r['kernel']:<26} {_fmt_us(r['us']):>11} {_fmt_x(r['speedup']):>8} {r['err']:>9.2e}")
+        # the dispatcher's pick, speedup per M
+        ms = sorted({r["m"] for r in results})
+        p("")
+        p("# speedup of the kernel omniq.linear picks, per M (x = over the baseline of the same shape)")
+        hdr = f"{'scheme':<42} {'N x K':>12} " + " ".join(f"{'M=' + str(m):>8}" for m in ms)
+        p(hdr)
+        p("-" * len(hdr))
+        keys = []
+        for r in results:
+            key = (r["scheme"], r["n"], r["k"])
+            if key not in keys:
+                keys.append(key)
+        for key in keys:
+            cells = []
+            for m in ms:
+                hit = [r for r in results if (r["scheme"], r["n"], r["k"]) == key and r["m"] == m and r.get("chosen")
+                       and not r.get("error")]
+                cells.append(f"{_fmt_x(hit[0]['speedup']):>8}" if hit else f"{'-':>8}")
+            p(f"{key[0]:<42} {str(key[1]) + 'x' + str(key[2]):>12} " + " ".join(cells))
+    if peers:
+        p("")
+        p("# peers: speedup over the same baseline, same process and shapes")
+        hdr = f"{'peer':<46} {'method':<20} {'N x K':>12} {'M':>5} {'us':>11} {'speedup':>8}"
+        p(hdr)
+        p("-" * len(hdr))
+        for r in peers:
+            shape = f"{r['n']}x{r['k']}"
+            if r.get("error"):
+                p(f"{r['peer']:<46} {r['method']:<20} {shape:>12} {r['m']:>5} unavailable: {r['error'][:80]}")
+            else:
+                p(f"{r['peer']:<46} {r['method']:<20} {shape:>12} {r['m']:>5} {_fmt_us(r['us']):>11} "
+                  f"{_fmt_x(r['speedup']):>8}")
+    if overhead:
+        p("")
+        p(f"# dispatch overhead: omniq.linear minus the kernel it calls (choice cached), target <= "
+          f"{OVERHEAD_TARGET_US:.0f} us")
+        hdr = (f"{'scheme':<30} {'kernel':<26} {'x':>10} {'kernel us':>10} {'linear us':>10} {'overhead':>9} "
+               f"{'via qw':>9}")
+        p(hdr)
+        p("-" * len(hdr))
+        for r in overhead:
+            p(f"{r['scheme']:<30} {r['kernel']:<26} {str(tuple(r['x_shape'])):>10} {r['kernel_us']:>10.2f} "
+              f"{r['linear_us']:>10.2f} {r['overhead_us']:>8.2f}us {r['overhead_qw_us']:>8.2f}us")
+
+
+def write_plots(results, plot_dir: str) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return (f"--plot: matplotlib is not installed (pip install matplotlib); no plots written to "
+                f"{plot_dir}; the JSON (--json) holds the same numbers")
+    out = Path(plot_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    groups: dict = {}
+    for r in results:
+        if r.get("error") or r.get("kernel") is None:
+            continue
+        groups.setdefault((r["scheme"], r["n"], r["k"]), []).append(r)
+    written = 0
+    for (scheme, n, k), rows in groups.items():
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for kern in sorted({r["kernel"] for r in rows}):
+            pts = sorted((r["m"], r["speedup"]) for r in rows if r["kernel"] == kern)
+            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=kern)
+        chosen = sorted((r["m"], r["speedup"]) for r in rows if r.get("chosen"))
+        if chosen:
+            ax.plot([a for a, _ in chosen], [b for _, b in chosen], "k--", lw=2.5, alpha=0.5,
+                    label="omniq.linear's pick")
+        ax.axhline(1.0, color="grey", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (tokens)")
+        bases = sorted({r["base"] for r in rows})
+        ax.set_ylabel(f"speedup over the {'/'.join(bases)} matmul")
+        ax.set_title(f"{scheme}  N x K = {n} x {k}", fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{scheme}_{n}x{k}") + ".png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written += 1
+    return f"--plot: wrote {written} PNG(s) to {out}"
+
+
+# ---- main -------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--schemes", help="comma-separated scheme specs (name[:param=value...]); default: every family")
+    ap.add_argument("--shapes", help="comma-separated N x K (out x in), e.g. 3072x12288,8192x8192")
+    ap.add_argument("--m", help="comma-separated M values, e.g. 1,16,512")
+    ap.add_argument("--quick", action="store_true", help=f"small preset: shapes {QUICK_SHAPES}, M {QUICK_M}, "
+                                                          f"{len(QUICK_SCHEMES)} schemes")
+    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best present)")
+    ap.add_argument("--dtype", default="bfloat16", help="activation dtype (bfloat16, float16, float32)")
+    ap.add_argument("--kernels", default=None, help="regex: time only kernels whose name matches")
+    ap.add_argument("--graph", action="store_true", help="CUDA: time CUDA-graph replays")
+    ap.add_argument("--peers", action="store_true", help="also time torch built-ins, gemlite, dequant+mm")
+    ap.add_argument("--no-kernels", action="store_true", help="skip omniq's kernels (with --peers/--overhead)")
+    ap.add_argument("--overhead", action="store_true", help="measure omniq.linear's cost above its kernel")
+    ap.add_argument("--overhead-iters", type=int, default=5000)
+    ap.add_argument("--json", help="write all results to this JSON file")
+    ap.add_argument("--plot", help="write PNG plots of speedup vs M to this directory")
+    ap.add_argument("--budget", type=float, default=None, help="seconds of timing per measurement "
+                                                               "(default 0.5 on CPUs, 0.2 on GPUs)")
+    ap.add_argument("--reps", type=int, default=100, help="at most this many timed calls per measurement")
+    ap.add_argument("--slow", type=float, default=3.0, help="a call slower than this (s) is timed once")
+    ap.add_argument("--no-flush", action="store_true", help="do not evict caches between timed calls "
+                                                             "(weights then stay cache-resident: optimistic)")
+    ap.add_argument("--err-rows", type=int, default=64, help="rows of x the error is measured on")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = getattr(torch, args.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise SystemExit(f"run.py: unknown dtype {args.dtype!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.graph and device.type != "cuda":
+        print("run.py: --graph applies to CUDA only; timing with perf_counter", file=sys.stderr)
+    specs = args.schemes.split(",") if args.schemes else list(QUICK_SCHEMES if args.quick else DEFAULT_SCHEMES)
+    schemes = [parse_scheme(s.strip()) for s in specs if s.strip()]
+    shapes = parse_shapes(args.shapes) if args.shapes else list(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    ms = [int(v) for v in args.m.split(",")] if args.m else list(QUICK_M if args.quick else DEFAULT_M)
+    if device.type == "cpu" and not (args.quick or args.shapes or args.m or args.no_kernels):
+        print("run.py: the default grid on a CPU takes hours; --quick runs a small preset", file=sys.stderr)
+    budget = args.budget if args.budget is not None else (0.5 if device.type == "cpu" else 0.2)
+    timer = Timer(device, budget, args.reps, args.graph, args.slow, flush=not args.no_flush)
+    base_desc = ("bf16 F.linear (cuBLAS)" if device.type == "cuda" else
+                 "the faster of bf16 and fp32 F.linear per (shape, M); column 'base' says which")
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "commit": git_commit(), "device": str(device), "device_name": device_name(device),
+            "torch": torch.__version__, "omniq": omniq.__version__, "python": platform.python_version(),
+            "dtype": args.dtype, "baseline": base_desc, "err_rows": args.err_rows, "budget_s": budget,
+            "graph": bool(args.graph and device.type == "cuda"), "argv": sys.argv[1:] if argv is None else argv,
+            "threads": torch.get_num_threads(), "cache_flush": not args.no_flush}
+
+    steps = 0 if args.no_kernels else len(schemes) * len(shapes) * len(ms)
+    steps += len(shapes) * len(ms) if args.peers else 0
+    progress = Progress(steps, enabled=not args.no_progress)
+    results, peer_rows, baselines = [], [], []
+    for n, k in shapes:
+        g = torch.Generator(device="cpu").manual_seed(args.seed + n * 7 + k)
+        w = (torch.randn(n, k, generator=g) * 0.02).to(device)
+        xs = {m: torch.randn(m, k, generator=g).to(device=device, dtype=dtype) for m in ms}
+        base = dense_baseline(w, xs, timer, device)
+        baselines += [{"n": n, "k": k, "m": m, **row} for m, row in base.items()]
+        if not args.no_kernels:
+            for label, scheme in schemes:
+                results += bench_scheme(label, scheme, w, xs, base, args, timer, device, dtype, progress)
+        if args.peers:
+            peer_rows += bench_peers(w, xs, base, timer, progress)
+        del w, xs
+    progress.close()
+
+    overhead, breakdown = [], []
+    if args.overhead:
+        ospecs = [s for s in specs if s in OVERHEAD_SCHEMES] or list(OVERHEAD_SCHEMES)
+        overhead = measure_overhead(ospecs, device, dtype, args.overhead_iters)
+        breakdown = dispatch_breakdown(ospecs[0], device, dtype, number=max(1000, 4 * args.overhead_iters))
+
+    print_tables(meta, results, peer_rows, overhead)
+    if breakdown:
+        print("\n# where omniq.linear's own time goes (us per call, min over repeats; a no-op kernel stands in)")
+        for label, t in breakdown:
+            print(f"{label:<60} {t:8.2f}")
+    if args.json:
+        data = {"meta": meta, "baselines": baselines, "results": results, "peers": peer_rows,
+                "overhead": overhead, "overhead_breakdown": [{"step": a, "us": b} for a, b in breakdown]}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(data, indent=1, default=str))
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    if args.plot:
+        print(write_plots(results, args.plot), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
