@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The H200 run behind benchmarks/results/: GPU tests, tuning table, benchmark with peers.
+# Run from the repository root on a CUDA machine; OUT names the output folder.
+set -u
+OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+# install omniq without network: point omniq.kernels / omniq.backends at the top-level dirs
+ln -sfn ../kernels omniq/kernels; ln -sfn ../backends omniq/backends; export PYTHONPATH=$PWD
+[ -f .whl/gemlite-0.6.0.post2.tar.gz ] && python3 -m pip install -q --no-deps --no-build-isolation \
+    .whl/gemlite-0.6.0.post2.tar.gz > "$OUT/gemlite.log" 2>&1
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  python3 -c "import gemlite; print('gemlite', gemlite.__version__)" 2>&1 | tail -1; } > "$OUT/env.txt"
+SCHEMES=${SCHEMES:-gptq:bits=4:group_size=128,int8,fp8,mxfp4:activation=None,nvfp4:activation=None,mxfp8,gguf:type=q4_k,gguf:type=q8_0}
+timeout ${BENCH_S:-300} python3 benchmarks/run.py --device cuda --schemes "$SCHEMES" \
+    --shapes 8192x8192,12288x3072,3072x12288 --m ${BENCH_M:-1,16,64,512,2048} --graph --peers --overhead \
+    --budget 0.1 --no-progress --json "$OUT/h200.json" > "$OUT/bench.txt" 2>&1
+echo "bench rc=$?" >> "$OUT/env.txt"
+timeout ${TEST_S:-150} python3 -m pytest -q -m gpu -p no:cacheprovider -x -n 8 tests/test_gpu_int.py tests/test_gpu_fp.py \
+    > "$OUT/gpu_tests.log" 2>&1
+echo "gpu tests rc=$?" >> "$OUT/env.txt"
+timeout ${TUNE_S:-60} python3 -m omniq tune --device cuda --schemes gptq,int8,fp8 --m 1,16,64,512,2048 \
+    --output "$OUT/nvidia-h200.json" > "$OUT/tune.log" 2>&1
+echo "tune rc=$?" >> "$OUT/env.txt"
