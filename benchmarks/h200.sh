@@ -16,7 +16,7 @@ timeout ${BENCH_S:-300} python3 benchmarks/run.py --device cuda --schemes "$SCHE
     --shapes 8192x8192,12288x3072,3072x12288 --m ${BENCH_M:-1,16,64,512,2048} --graph --peers --overhead \
     --budget 0.1 --no-progress --json "$OUT/h200.json" > "$OUT/bench.txt" 2>&1
 echo "bench rc=$?" >> "$OUT/env.txt"
-timeout ${TEST_S:-150} python3 -m pytest -q -m gpu -p no:cacheprovider -x -n 8 tests/test_gpu_int.py tests/test_gpu_fp.py \
+timeout ${TEST_S:-150} python3 -m pytest -q -m gpu -p no:cacheprovider -n 8 tests/test_gpu_int.py tests/test_gpu_fp.py \
     > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?" >> "$OUT/env.txt"
 timeout ${TUNE_S:-60} python3 -m omniq tune --device cuda --schemes gptq,int8,fp8 --m 1,16,64,512,2048 \
