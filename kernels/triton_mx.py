@@ -747,6 +747,10 @@ def run_fp4(x: torch.Tensor, p: FP4Prepared, bias: torch.Tensor | None, kind: st
     units = cfg["UNITS"]
     if dual:
         units = 512 // (2 * p.h)       # one iteration = one coarse chunk
+        # a 512-wide K step per stage: 3 stages of 128-row tiles asked for 304 KB of shared
+        # memory on an H200 (232 KB there); keep the pipeline within it
+        cfg["num_stages"] = min(cfg["num_stages"], 2)
+        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 64)
     else:
         units = max(1, min(units, p.n_units))
         while p.n_units % units:
