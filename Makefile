@@ -24,8 +24,14 @@ test: $(VENV)/.installed
 	# one thread per xdist worker: two workers on two cores, no oversubscription
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -n 2 $(PYTEST_ARGS) tests
 
+# Without a GPU the default is the quick preset (the full grid takes hours on a CPU); with one,
+# the full grid with CUDA-graph timing and the peers. Choose with BENCH_ARGS='--schemes int8 --m 1,16'.
+BENCH_ARGS ?=
 bench: $(VENV)/.installed
-	$(PY) benchmarks/run.py
+	$(PY) -m pip install -q matplotlib
+	mkdir -p benchmarks/out
+	args="$(BENCH_ARGS)"; [ -n "$$args" ] || args=$$($(PY) -c "import torch; print('--graph --peers' if torch.cuda.is_available() else '--quick')"); \
+	$(PY) benchmarks/run.py $$args --json benchmarks/out/bench.json --plot benchmarks/out
 
 clean:
 	rm -rf $(VENV) build *.egg-info
