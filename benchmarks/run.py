@@ -6,6 +6,7 @@ the dense matmul of the same shape in the same run, with its error and the dispa
     python benchmarks/run.py --quick                # small shapes, a few M: minutes on a CPU
     python benchmarks/run.py --schemes int8,gptq:bits=4:group_size=128 --shapes 3072x12288 --m 1,16
     python benchmarks/run.py --json out.json --plot plots/ --graph --peers --overhead
+    python benchmarks/run.py --device cuda --max-seconds 50 --json out.json   # stops starting work at 50 s
 
 Per (scheme, N x K, M) and per kernel valid there (`omniq.dispatch.candidates` over every
 layout): the median time (CUDA events, or CUDA-graph replay with --graph, on GPUs;
@@ -19,6 +20,11 @@ built-ins (int4 tinygemm, `_scaled_mm`, `_int_mm`, int8 weight-only), gemlite wh
 importable (CUDA), fbgemm's dynamic int8 linear (CPU) and a plain dequantize-then-matmul.
 --overhead measures what omniq.linear costs above the kernel it calls, choice cached.
 
+Rows are printed as they are measured and --json is rewritten after each (scheme, shape) group,
+so a run cut short (--max-seconds S, or a `timeout` kill) keeps what it measured; the JSON's
+meta says `complete` and, when cut, `cut_short`. gemlite peers run with their autotuning off
+(one default config, or the shipped H100 cache on sm_90) unless --gemlite-autotune.
+
 Results carry the device name, the date and the git commit. Scheme specs are
 `name[:param=value[:param=value]]` with the same parameters as omniq.get_scheme.
 """
@@ -31,6 +37,7 @@ import math
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -158,63 +165,105 @@ class Progress:
 
 
 # ---- timing -----------------------------------------------------------------------------------
+class OutOfTime(Exception):
+    """--max-seconds has passed: no new measurement is started."""
+
+
 class Timer:
     """Median time of a call: perf_counter on CPUs, CUDA events on GPUs (graph replay with graph=True).
 
-    The first call is a warm-up that also sizes the repetitions to `budget_s`; a call slower
-    than `slow_s` is timed once (n = 1) rather than repeated.
+    Warm-up calls come first (untimed: they compile and autotune); the warm call sizes the
+    repetitions to `budget_s`; a warm call slower than `slow_s` is timed once (n = 1) rather
+    than repeated. `max_seconds` (from construction) makes `check()` raise OutOfTime.
     """
 
-    def __init__(self, device, budget_s: float, max_reps: int, graph: bool, slow_s: float, flush: bool = True):
+    def __init__(self, device, budget_s: float, max_reps: int, graph: bool, slow_s: float, flush: bool = True,
+                 max_seconds: float | None = None):
         self.device, self.budget_s, self.max_reps = device, budget_s, max_reps
         self.graph, self.slow_s = graph, slow_s
+        self.deadline = None if max_seconds is None else time.perf_counter() + max_seconds
         # A layer's weight is read once per forward pass, cold: evict the caches before each timed
-        # call (CPU: twice the last-level cache; GPU: 256 MB, over four H200 L2s), untimed.
+        # call, untimed. CPU: twice the last-level cache. GPU: twice the L2 (H200: 2 x 60 MB); the
+        # old fixed 256 MB memset cost several times a small kernel per repetition for nothing.
         self.flush_buf = None
         if flush:
-            nbytes = 256 << 20 if device.type == "cuda" else max(2 * llc_bytes(), 64 << 20)
+            if device.type == "cuda":
+                l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (128 << 20)
+                nbytes = max(2 * l2, 32 << 20)
+            else:
+                nbytes = max(2 * llc_bytes(), 64 << 20)
             self.flush_buf = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
+
+    def check(self) -> None:
+        if self.out_of_time():
+            raise OutOfTime
 
     def flush(self) -> None:
         if self.flush_buf is not None:
             self.flush_buf.fill_(1.0)
 
-    def __call__(self, fn) -> dict:
-        dev = self.device
-        sync(dev)
+    def _once(self, fn) -> float:
+        sync(self.device)
         t0 = time.perf_counter()
         fn()
-        sync(dev)
-        first = time.perf_counter() - t0
-        if first > self.slow_s:
-            return {"us": first * 1e6, "us_min": first * 1e6, "n": 1, "how": "one call (slow)"}
-        fn()
-        sync(dev)
-        reps = max(3, min(self.max_reps, int(self.budget_s / max(first, 1e-7))))
+        sync(self.device)
+        return time.perf_counter() - t0
+
+    def __call__(self, fn) -> dict:
+        dev = self.device
+        # The first call compiles Triton kernels (and gemlite autotunes): seconds that used to size
+        # the repetitions (down to 3) or, past --slow, became the reported time. Only the second,
+        # warm call is used to decide.
+        self._once(fn)
+        warm = self._once(fn)
+        if warm > self.slow_s:
+            return {"us": warm * 1e6, "us_min": warm * 1e6, "n": 1, "how": "one call (slow)"}
+        reps = max(3, min(self.max_reps, int(self.budget_s / max(warm, 1e-7))))
+        # Samples come in batches; once a batch leaves the median within 1% of the previous
+        # batch's, more repetitions would not change the answer, so timing stops before the budget.
+        batch = min(reps, 10)
         if dev.type == "cuda":
             call, how = fn, "cuda events"
             if self.graph:
+                # captured once per (kernel, M) and replayed; each replay sits between two events
                 g = _capture(fn, dev)
                 if g is not None:
                     call, how = g.replay, "cuda graph replay"
                 else:
                     how = "cuda events (graph capture failed)"
-            samples = []
-            for _ in range(reps):
-                self.flush()
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                call()
-                e.record()
-                e.synchronize()
-                samples.append(s.elapsed_time(e) * 1e3)
+
+            def run_batch(n):
+                # events recorded for the whole batch, one synchronize at its end (not one per rep)
+                ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+                for s, e in ev:
+                    self.flush()
+                    s.record()
+                    call()
+                    e.record()
+                ev[-1][1].synchronize()
+                return [s.elapsed_time(e) * 1e3 for s, e in ev]
         else:
-            how, samples = "perf_counter", []
-            for _ in range(reps):
-                self.flush()
-                t0 = time.perf_counter()
-                fn()
-                samples.append((time.perf_counter() - t0) * 1e6)
+            how = "perf_counter"
+
+            def run_batch(n):
+                out = []
+                for _ in range(n):
+                    self.flush()
+                    t0 = time.perf_counter()
+                    fn()
+                    out.append((time.perf_counter() - t0) * 1e6)
+                return out
+        samples: list[float] = []
+        prev = None
+        while len(samples) < reps:
+            samples += run_batch(min(batch, reps - len(samples)))
+            med = statistics.median(samples)
+            if prev is not None and abs(med - prev) <= 0.01 * prev:
+                break
+            prev = med
         if self.flush_buf is not None:
             how += ", caches flushed"
         return {"us": statistics.median(samples), "us_min": min(samples), "n": len(samples), "how": how}
@@ -226,8 +275,7 @@ def _capture(fn, device):
         s = torch.cuda.Stream(device)
         s.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(s):
-            for _ in range(2):
-                fn()
+            fn()  # the timer already warmed fn up; one call on the capture stream is enough
         torch.cuda.current_stream(device).wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
@@ -273,21 +321,25 @@ def dense_baseline(w: torch.Tensor, xs: dict, timer: Timer, device) -> dict:
 
 
 # ---- omniq's kernels --------------------------------------------------------------------------
-def bench_scheme(label, scheme, w, xs, base, args, timer, device, dtype, progress):
+def bench_scheme(label, scheme, w, xs, base, args, timer, device, dtype, progress, emit):
+    """Time every valid kernel of one scheme on one weight; each row goes to emit() when measured.
+    Raises OutOfTime (from timer.check) before starting a measurement past --max-seconds."""
     n, k = w.shape
-    rows = []
+    timer.check()
     try:
+        # quantized and prepared once per (scheme, shape), shared by every kernel and M
         qw = scheme.quantize(w)
         qw = scheme.calibrate(qw, xs[max(xs)][:64].float())
         p = omniq.prepare(qw, device, dtype)
     except Exception as e:
         for m in xs:
-            rows.append({"scheme": label, "n": n, "k": k, "m": m, "kernel": None, "error": f"{type(e).__name__}: {e}"})
+            emit({"scheme": label, "n": n, "k": k, "m": m, "kernel": None, "error": f"{type(e).__name__}: {e}"})
             progress.step(f"{label} {n}x{k} M={m}: {e}")
-        return rows
+        return
     layouts = {p.layout: p.data}
     broken: dict[str, str] = {}
     for m, x in xs.items():
+        timer.check()
         r = min(m, args.err_rows)
         xr = x[:r].contiguous()
         ref = scheme.matmul(xr, qw)
@@ -295,37 +347,46 @@ def bench_scheme(label, scheme, w, xs, base, args, timer, device, dtype, progres
             chosen = p.kernel_for(m, dtype).name
         except Exception as e:
             chosen = None
-            rows.append({"scheme": label, "n": n, "k": k, "m": m, "kernel": None, "error": f"dispatch: {e}"})
+            emit({"scheme": label, "n": n, "k": k, "m": m, "kernel": None, "error": f"dispatch: {e}"})
         problem = Problem(scheme, n, k, m, dtype, device)
         for kern in candidates(problem):
             if args.kernels and not re.search(args.kernels, kern.name):
                 continue
+            timer.check()
             row = {"scheme": label, "scheme_key": scheme.key, "n": n, "k": k, "m": m, "kernel": kern.name,
                    "backend": kern.backend, "layout": kern.layout.name, "chosen": kern.name == chosen,
                    "base": base[m]["base"], "base_us": base[m]["base_us"]}
             lname = kern.layout.name
             if lname in broken:
-                rows.append({**row, "error": broken[lname]})
+                emit({**row, "error": broken[lname]})
                 continue
             if lname not in layouts:
                 try:
                     layouts[lname] = kern.layout.prepare(qw, device)
                 except Exception as e:
                     broken[lname] = f"prepare: {type(e).__name__}: {e}"
-                    rows.append({**row, "error": broken[lname]})
+                    emit({**row, "error": broken[lname]})
                     continue
             prep = layouts[lname]
             try:
-                row["err"] = max_rel_err(kern.run(xr, prep, None), ref)
+                # GPU: the error comes from the first rows of a call at the timed M. A call on
+                # x[:err_rows] alone is another M, hence another Triton specialization (BLOCK_M,
+                # M == 1 / M % 16 keys) compiled only for this check (M = 2048 -> 64: seconds per
+                # kernel). CPU kernels do not compile; there the short call stays the cheaper one.
+                if device.type == "cuda":
+                    y_err = kern.run(x, prep, None)[:r]
+                else:
+                    y_err = kern.run(xr, prep, None)
+                row["err"] = max_rel_err(y_err, ref)
+                del y_err
                 t = timer(lambda: kern.run(x, prep, None))
             except Exception as e:
-                rows.append({**row, "error": f"{type(e).__name__}: {e}"[:300]})
+                emit({**row, "error": f"{type(e).__name__}: {e}"[:300]})
                 continue
             row.update(us=t["us"], us_min=t["us_min"], reps=t["n"], timing=t["how"],
                        speedup=base[m]["base_us"] / t["us"])
-            rows.append(row)
+            emit(row)
         progress.step(f"{label} {n}x{k} M={m}")
-    return rows
 
 
 # ---- peers ------------------------------------------------------------------------------------
@@ -341,7 +402,7 @@ def _per_token_fp8(x):
     return (xf / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
 
 
-def build_peers(w: torch.Tensor, device) -> dict:
+def build_peers(w: torch.Tensor, device, gemlite_autotune: bool = False) -> dict:
     """name -> (method, callable(x) -> y) for one weight. Built independently of omniq's kernels.
     A peer that cannot be built here maps to (method, reason string)."""
     n, k = w.shape
@@ -431,17 +492,45 @@ def build_peers(w: torch.Tensor, device) -> dict:
     add("fp8 _scaled_mm + act quant", "fp8 W8A8 dynamic", scaled_mm)
 
     if cuda:
-        _add_gemlite(add, w, device, int4_parts, g)
+        _add_gemlite(add, w, device, int4_parts, g, gemlite_autotune)
     return peers
 
 
-def _add_gemlite(add, w, device, int4_parts, g):
+_GEMLITE_SET = False
+
+
+def _gemlite_no_autotune(gemlite) -> None:
+    """gemlite autotunes each kernel on its first call per M bucket unless its config cache holds
+    that shape; it ships caches for some GPUs (h100.json, ...) and picks one by device-name
+    substring, so an H200 gets none and every peer call started with many Triton compiles and
+    trials (tens of seconds per M, inside the timed budget). Fall back to the H100 cache on
+    sm_90 when none was loaded, and set autotune to "default" (one config per kernel type) for
+    shapes no cache holds. Once per process: set_autotune reloads gemlite's kernel modules."""
+    global _GEMLITE_SET
+    if _GEMLITE_SET:
+        return
+    _GEMLITE_SET = True
+    try:
+        from gemlite import core
+        cache = getattr(core, "GEMLITE_TRITON_CONFIG_CACHE", None)
+        if not cache and torch.cuda.get_device_capability() == (9, 0):
+            h100 = Path(core.__file__).parent / "configs" / "h100.json"
+            if h100.exists():
+                gemlite.load_config(str(h100), print_error=False)
+        gemlite.set_autotune("default")
+    except Exception as e:  # an older/newer gemlite without these knobs: it autotunes, say so
+        print(f"run.py: could not turn gemlite's autotuning off ({type(e).__name__}: {e})", file=sys.stderr)
+
+
+def _add_gemlite(add, w, device, int4_parts, g, autotune=False):
     try:
         import gemlite  # noqa: F401
         from gemlite import helper
     except Exception as e:
         add("gemlite", "-", lambda: (_ for _ in ()).throw(RuntimeError(f"gemlite not importable: {e}")))
         return
+    if not autotune:
+        _gemlite_no_autotune(gemlite)
     wb = w.to(torch.bfloat16)
     n, k = w.shape
 
@@ -472,26 +561,27 @@ def _add_gemlite(add, w, device, int4_parts, g):
     add("mxfp4 w-only gemlite", "mxfp4 W4A16", mxfp4)
 
 
-def bench_peers(w, xs, base, timer, progress) -> list[dict]:
+def bench_peers(w, xs, base, timer, progress, emit, gemlite_autotune=False) -> None:
+    """Time every peer on one weight; each row goes to emit() when measured (OutOfTime as above)."""
     n, k = w.shape
-    rows = []
-    peers = build_peers(w, w.device)
+    timer.check()
+    peers = build_peers(w, w.device, gemlite_autotune)
     for m, x in xs.items():
         xb = x.to(torch.bfloat16)
         for name, (method, fn) in peers.items():
             row = {"peer": name, "method": method, "n": n, "k": k, "m": m, "base": base[m]["base"],
                    "base_us": base[m]["base_us"]}
             if isinstance(fn, str):
-                rows.append({**row, "error": fn})
+                emit({**row, "error": fn})
                 continue
+            timer.check()
             try:
                 t = timer(lambda: fn(xb))
-                rows.append({**row, "us": t["us"], "us_min": t["us_min"], "reps": t["n"], "timing": t["how"],
-                             "speedup": base[m]["base_us"] / t["us"]})
+                emit({**row, "us": t["us"], "us_min": t["us_min"], "reps": t["n"], "timing": t["how"],
+                      "speedup": base[m]["base_us"] / t["us"]})
             except Exception as e:
-                rows.append({**row, "error": f"{type(e).__name__}: {e}".splitlines()[0][:200]})
+                emit({**row, "error": f"{type(e).__name__}: {e}".splitlines()[0][:200]})
         progress.step(f"peers {n}x{k} M={m}")
-    return rows
 
 
 # ---- dispatch overhead ------------------------------------------------------------------------
@@ -597,72 +687,133 @@ def _fmt_x(v: float) -> str:
     return f"{v:.2f}x" if v >= 0.1 else f"{v:.2g}x"
 
 
+KERNEL_HDR = (f"{'scheme':<42} {'N x K':>12} {'M':>5} {'base':>4} {'base us':>11}  {'kernel':<26} {'us':>11} "
+              f"{'speedup':>8} {'err':>9}")
+PEER_HDR = f"{'peer':<46} {'method':<20} {'N x K':>12} {'M':>5} {'us':>11} {'speedup':>8}"
+
+
+def meta_lines(meta) -> list[str]:
+    return [f"# omniq benchmark  {meta['date']}  commit {meta['commit']}",
+            f"# device: {meta['device_name']} ({meta['device']}), torch {meta['torch']}, act dtype {meta['dtype']}",
+            f"# baseline: {meta['baseline']}; timing: median, caches {'flushed' if meta['cache_flush'] else 'warm'} "
+            f"before each call, {meta['threads']} threads",
+            f"# err: max |y - scheme.matmul| / max |scheme.matmul| over the first {meta['err_rows']} rows; "
+            f"* = the kernel omniq.linear picks"]
+
+
+def kernel_line(r) -> str:
+    shape = f"{r['n']}x{r['k']}"
+    if r.get("error"):
+        return (f"{r['scheme']:<42} {shape:>12} {r['m']:>5} {'':>4} {'':>11}  {str(r.get('kernel')):<26} "
+                f"error: {r['error'][:90]}")
+    mark = "*" if r.get("chosen") else " "
+    return (f"{r['scheme']:<42} {shape:>12} {r['m']:>5} {r['base']:>4} {_fmt_us(r['base_us']):>11} "
+            f"{mark}{r['kernel']:<26} {_fmt_us(r['us']):>11} {_fmt_x(r['speedup']):>8} {r['err']:>9.2e}")
+
+
+def peer_line(r) -> str:
+    shape = f"{r['n']}x{r['k']}"
+    if r.get("error"):
+        return f"{r['peer']:<46} {r['method']:<20} {shape:>12} {r['m']:>5} unavailable: {r['error'][:80]}"
+    return (f"{r['peer']:<46} {r['method']:<20} {shape:>12} {r['m']:>5} {_fmt_us(r['us']):>11} "
+            f"{_fmt_x(r['speedup']):>8}")
+
+
+def summary_lines(results) -> list[str]:
+    """The dispatcher's pick, speedup per M (needs every row of a (scheme, shape): printed at the end)."""
+    if not results:
+        return []
+    ms = sorted({r["m"] for r in results})
+    out = ["", "# speedup of the kernel omniq.linear picks, per M (x = over the baseline of the same shape)"]
+    hdr = f"{'scheme':<42} {'N x K':>12} " + " ".join(f"{'M=' + str(m):>8}" for m in ms)
+    out += [hdr, "-" * len(hdr)]
+    keys = []
+    for r in results:
+        key = (r["scheme"], r["n"], r["k"])
+        if key not in keys:
+            keys.append(key)
+    for key in keys:
+        cells = []
+        for m in ms:
+            hit = [r for r in results if (r["scheme"], r["n"], r["k"]) == key and r["m"] == m and r.get("chosen")
+                   and not r.get("error")]
+            cells.append(f"{_fmt_x(hit[0]['speedup']):>8}" if hit else f"{'-':>8}")
+        out.append(f"{key[0]:<42} {str(key[1]) + 'x' + str(key[2]):>12} " + " ".join(cells))
+    return out
+
+
+def overhead_lines(overhead) -> list[str]:
+    if not overhead:
+        return []
+    out = ["", f"# dispatch overhead: omniq.linear minus the kernel it calls (choice cached), target <= "
+               f"{OVERHEAD_TARGET_US:.0f} us"]
+    hdr = (f"{'scheme':<30} {'kernel':<26} {'x':>10} {'kernel us':>10} {'linear us':>10} {'overhead':>9} "
+           f"{'via qw':>9}")
+    out += [hdr, "-" * len(hdr)]
+    for r in overhead:
+        out.append(f"{r['scheme']:<30} {r['kernel']:<26} {str(tuple(r['x_shape'])):>10} {r['kernel_us']:>10.2f} "
+                   f"{r['linear_us']:>10.2f} {r['overhead_us']:>8.2f}us {r['overhead_qw_us']:>8.2f}us")
+    return out
+
+
 def print_tables(meta, results, peers, overhead, out=sys.stdout):
-    p = lambda *a: print(*a, file=out)  # noqa: E731
-    p(f"# omniq benchmark  {meta['date']}  commit {meta['commit']}")
-    p(f"# device: {meta['device_name']} ({meta['device']}), torch {meta['torch']}, act dtype {meta['dtype']}")
-    p(f"# baseline: {meta['baseline']}; timing: median, caches {'flushed' if meta['cache_flush'] else 'warm'} "
-      f"before each call, {meta['threads']} threads")
-    p(f"# err: max |y - scheme.matmul| / max |scheme.matmul| over the first {meta['err_rows']} rows; "
-      f"* = the kernel omniq.linear picks")
+    """Every table at once (for a caller holding finished results; run.py itself streams them)."""
+    lines = meta_lines(meta)
     if results:
-        p("")
-        hdr = (f"{'scheme':<42} {'N x K':>12} {'M':>5} {'base':>4} {'base us':>11}  {'kernel':<26} {'us':>11} "
-               f"{'speedup':>8} {'err':>9}")
-        p(hdr)
-        p("-" * len(hdr))
-        for r in results:
-            shape = f"{r['n']}x{r['k']}"
-            if r.get("error"):
-                p(f"{r['scheme']:<42} {shape:>12} {r['m']:>5} {'':>4} {'':>11}  {str(r.get('kernel')):<26} "
-                  f"error: {r['error'][:90]}")
-                continue
-            mark = "*" if r.get("chosen") else " "
-            p(f"{r['scheme']:<42} {shape:>12} {r['m']:>5} {r['base']:>4} {_fmt_us(r['base_us']):>11} "
-              f"{mark}{r['kernel']:<26} {_fmt_us(r['us']):>11} {_fmt_x(r['speedup']):>8} {r['err']:>9.2e}")
-        # the dispatcher's pick, speedup per M
-        ms = sorted({r["m"] for r in results})
-        p("")
-        p("# speedup of the kernel omniq.linear picks, per M (x = over the baseline of the same shape)")
-        hdr = f"{'scheme':<42} {'N x K':>12} " + " ".join(f"{'M=' + str(m):>8}" for m in ms)
-        p(hdr)
-        p("-" * len(hdr))
-        keys = []
-        for r in results:
-            key = (r["scheme"], r["n"], r["k"])
-            if key not in keys:
-                keys.append(key)
-        for key in keys:
-            cells = []
-            for m in ms:
-                hit = [r for r in results if (r["scheme"], r["n"], r["k"]) == key and r["m"] == m and r.get("chosen")
-                       and not r.get("error")]
-                cells.append(f"{_fmt_x(hit[0]['speedup']):>8}" if hit else f"{'-':>8}")
-            p(f"{key[0]:<42} {str(key[1]) + 'x' + str(key[2]):>12} " + " ".join(cells))
+        lines += ["", KERNEL_HDR, "-" * len(KERNEL_HDR)] + [kernel_line(r) for r in results]
+        lines += summary_lines(results)
     if peers:
-        p("")
-        p("# peers: speedup over the same baseline, same process and shapes")
-        hdr = f"{'peer':<46} {'method':<20} {'N x K':>12} {'M':>5} {'us':>11} {'speedup':>8}"
-        p(hdr)
-        p("-" * len(hdr))
-        for r in peers:
-            shape = f"{r['n']}x{r['k']}"
-            if r.get("error"):
-                p(f"{r['peer']:<46} {r['method']:<20} {shape:>12} {r['m']:>5} unavailable: {r['error'][:80]}")
-            else:
-                p(f"{r['peer']:<46} {r['method']:<20} {shape:>12} {r['m']:>5} {_fmt_us(r['us']):>11} "
-                  f"{_fmt_x(r['speedup']):>8}")
-    if overhead:
-        p("")
-        p(f"# dispatch overhead: omniq.linear minus the kernel it calls (choice cached), target <= "
-          f"{OVERHEAD_TARGET_US:.0f} us")
-        hdr = (f"{'scheme':<30} {'kernel':<26} {'x':>10} {'kernel us':>10} {'linear us':>10} {'overhead':>9} "
-               f"{'via qw':>9}")
-        p(hdr)
-        p("-" * len(hdr))
-        for r in overhead:
-            p(f"{r['scheme']:<30} {r['kernel']:<26} {str(tuple(r['x_shape'])):>10} {r['kernel_us']:>10.2f} "
-              f"{r['linear_us']:>10.2f} {r['overhead_us']:>8.2f}us {r['overhead_qw_us']:>8.2f}us")
+        lines += ["", "# peers: speedup over the same baseline, same process and shapes", PEER_HDR,
+                  "-" * len(PEER_HDR)] + [peer_line(r) for r in peers]
+    lines += overhead_lines(overhead)
+    print("\n".join(lines), file=out)
+
+
+class Report:
+    """Results as they are measured: each row printed (and flushed) at once, the JSON rewritten
+    after each group, so that a run killed by a timeout leaves everything measured before it."""
+
+    def __init__(self, meta, json_path: str | None, out=sys.stdout):
+        self.meta, self.json_path, self.out = meta, json_path, out
+        self.results, self.peers, self.baselines = [], [], []
+        self.overhead, self.breakdown = [], []
+        self.table = None
+
+    def say(self, *lines: str) -> None:
+        if not lines:
+            return
+        print("\n".join(lines), file=self.out, flush=True)
+
+    def start(self) -> None:
+        self.say(*meta_lines(self.meta))
+
+    def kernel_row(self, r) -> None:
+        self.results.append(r)
+        if self.table != "kernels":
+            self.table = "kernels"
+            self.say("", KERNEL_HDR, "-" * len(KERNEL_HDR))
+        self.say(kernel_line(r))
+
+    def peer_row(self, r) -> None:
+        self.peers.append(r)
+        if self.table != "peers":
+            self.table = "peers"
+            self.say("", "# peers: speedup over the same baseline, same process and shapes", PEER_HDR,
+                     "-" * len(PEER_HDR))
+        self.say(peer_line(r))
+
+    def save(self) -> None:
+        """Rewrite the JSON file atomically (a reader or a kill never sees half a file)."""
+        if not self.json_path:
+            return
+        data = {"meta": self.meta, "baselines": self.baselines, "results": self.results, "peers": self.peers,
+                "overhead": self.overhead,
+                "overhead_breakdown": [{"step": a, "us": b} for a, b in self.breakdown]}
+        path = Path(self.json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, default=str))
+        os.replace(tmp, path)
 
 
 def write_plots(results, plot_dir: str) -> str:
@@ -706,6 +857,10 @@ def write_plots(results, plot_dir: str) -> str:
     return f"--plot: wrote {written} PNG(s) to {out}"
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 # ---- main -------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
@@ -735,6 +890,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="start no new measurement after this many seconds; print and write what was measured")
+    ap.add_argument("--gemlite-autotune", action="store_true",
+                    help="let gemlite autotune on first call (--peers; slow: off by default)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device) if args.device else default_device()
@@ -753,7 +912,8 @@ def main(argv=None) -> int:
     if device.type == "cpu" and not (args.quick or args.shapes or args.m or args.no_kernels):
         print("run.py: the default grid on a CPU takes hours; --quick runs a small preset", file=sys.stderr)
     budget = args.budget if args.budget is not None else (0.5 if device.type == "cpu" else 0.2)
-    timer = Timer(device, budget, args.reps, args.graph, args.slow, flush=not args.no_flush)
+    timer = Timer(device, budget, args.reps, args.graph, args.slow, flush=not args.no_flush,
+                  max_seconds=args.max_seconds)
     base_desc = ("bf16 F.linear (cuBLAS)" if device.type == "cuda" else
                  "the faster of bf16 and fp32 F.linear per (shape, M); column 'base' says which")
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
@@ -761,45 +921,68 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "omniq": omniq.__version__, "python": platform.python_version(),
             "dtype": args.dtype, "baseline": base_desc, "err_rows": args.err_rows, "budget_s": budget,
             "graph": bool(args.graph and device.type == "cuda"), "argv": sys.argv[1:] if argv is None else argv,
-            "threads": torch.get_num_threads(), "cache_flush": not args.no_flush}
+            "threads": torch.get_num_threads(), "cache_flush": not args.no_flush,
+            "max_seconds": args.max_seconds, "complete": False}
 
     steps = 0 if args.no_kernels else len(schemes) * len(shapes) * len(ms)
     steps += len(shapes) * len(ms) if args.peers else 0
     progress = Progress(steps, enabled=not args.no_progress)
-    results, peer_rows, baselines = [], [], []
-    for n, k in shapes:
-        g = torch.Generator(device="cpu").manual_seed(args.seed + n * 7 + k)
-        w = (torch.randn(n, k, generator=g) * 0.02).to(device)
-        xs = {m: torch.randn(m, k, generator=g).to(device=device, dtype=dtype) for m in ms}
-        base = dense_baseline(w, xs, timer, device)
-        baselines += [{"n": n, "k": k, "m": m, **row} for m, row in base.items()]
-        if not args.no_kernels:
-            for label, scheme in schemes:
-                results += bench_scheme(label, scheme, w, xs, base, args, timer, device, dtype, progress)
-        if args.peers:
-            peer_rows += bench_peers(w, xs, base, timer, progress)
-        del w, xs
+    report = Report(meta, args.json)
+    report.start()
+    # a `timeout` (SIGTERM) ends the grid like --max-seconds: the summary and the JSON still come out
+    try:
+        signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # main() called from a thread other than the main one
+        pass
+    cut = None
+    try:
+        for n, k in shapes:
+            timer.check()
+            g = torch.Generator(device="cpu").manual_seed(args.seed + n * 7 + k)
+            w = (torch.randn(n, k, generator=g) * 0.02).to(device)
+            xs = {m: torch.randn(m, k, generator=g).to(device=device, dtype=dtype) for m in ms}
+            base = dense_baseline(w, xs, timer, device)
+            report.baselines += [{"n": n, "k": k, "m": m, **row} for m, row in base.items()]
+            report.save()
+            if not args.no_kernels:
+                for label, scheme in schemes:
+                    try:
+                        bench_scheme(label, scheme, w, xs, base, args, timer, device, dtype, progress,
+                                     report.kernel_row)
+                    finally:
+                        report.save()  # after each (scheme, shape) group, cut short or not
+            if args.peers:
+                try:
+                    bench_peers(w, xs, base, timer, progress, report.peer_row, args.gemlite_autotune)
+                finally:
+                    report.save()
+            del w, xs
+    except OutOfTime:
+        cut = f"--max-seconds {args.max_seconds:g} passed"
+    except KeyboardInterrupt:
+        cut = "interrupted"
     progress.close()
+    if cut:
+        # stdout has every row measured so far; this line says the grid is incomplete
+        report.say("", f"# grid cut short ({cut}): {len(report.results)} kernel rows, {len(report.peers)} peer "
+                       f"rows measured; later (scheme, shape, M) were not started")
+        report.meta["cut_short"] = cut
+    report.say(*summary_lines(report.results))
 
-    overhead, breakdown = [], []
-    if args.overhead:
+    if args.overhead and not cut:
         ospecs = [s for s in specs if s in OVERHEAD_SCHEMES] or list(OVERHEAD_SCHEMES)
-        overhead = measure_overhead(ospecs, device, dtype, args.overhead_iters)
-        breakdown = dispatch_breakdown(ospecs[0], device, dtype, number=max(1000, 4 * args.overhead_iters))
-
-    print_tables(meta, results, peer_rows, overhead)
-    if breakdown:
-        print("\n# where omniq.linear's own time goes (us per call, min over repeats; a no-op kernel stands in)")
-        for label, t in breakdown:
-            print(f"{label:<60} {t:8.2f}")
+        report.overhead = measure_overhead(ospecs, device, dtype, args.overhead_iters)
+        report.breakdown = dispatch_breakdown(ospecs[0], device, dtype, number=max(1000, 4 * args.overhead_iters))
+        report.say(*overhead_lines(report.overhead))
+    if report.breakdown:
+        report.say("", "# where omniq.linear's own time goes (us per call, min over repeats; a no-op kernel "
+                       "stands in)", *(f"{label:<60} {t:8.2f}" for label, t in report.breakdown))
+    report.meta["complete"] = not cut
+    report.save()
     if args.json:
-        data = {"meta": meta, "baselines": baselines, "results": results, "peers": peer_rows,
-                "overhead": overhead, "overhead_breakdown": [{"step": a, "us": b} for a, b in breakdown]}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(data, indent=1, default=str))
         print(f"\nwrote {args.json}", file=sys.stderr)
     if args.plot:
-        print(write_plots(results, args.plot), file=sys.stderr)
+        print(write_plots(report.results, args.plot), file=sys.stderr)
     return 0
 
 

@@ -44,3 +44,61 @@ def test_run_py_prints_tables_and_writes_json(tmp_path):
     # no matplotlib here: the run says so instead of failing; with it, PNGs appear
     plots = list((tmp_path / "plots").glob("*.png"))
     assert plots or "matplotlib is not installed" in proc.stderr
+
+
+def test_max_seconds_cuts_the_grid_short_and_still_writes_json(tmp_path):
+    """--max-seconds 0: the deadline has passed before the first measurement, so the grid stops at
+    once, says so on stdout, and the JSON parses, is marked incomplete and holds fewer rows than the
+    grid has; rows are printed as measured (checked with a deadline that lets a few through)."""
+    out = tmp_path / "cut.json"
+    base = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--schemes", "int8,gptq:bits=4:group_size=64",
+            "--shapes", "64x256,128x256", "--m", "1,3", "--budget", "0.005", "--reps", "3", "--no-flush",
+            "--kernels", r"^(cpu\.|reference$)", "--no-progress", "--threads", "1", "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = subprocess.run(base, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert full.returncode == 0, full.stderr[-3000:]
+    whole = json.loads(out.read_text())
+    assert whole["meta"]["complete"] is True and "cut_short" not in whole["meta"]
+    assert "grid cut short" not in full.stdout
+    n_full = len(whole["results"])
+    assert {(r["n"], r["scheme"]) for r in whole["results"]} == {(n, s) for n in (64, 128)
+                                                                  for s in ("int8", "gptq:bits=4:group_size=64")}
+
+    out.unlink()
+    proc = subprocess.run(base + ["--max-seconds", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "# grid cut short (--max-seconds 0 passed)" in proc.stdout, proc.stdout[-2000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["complete"] is False and data["meta"]["cut_short"]
+    assert len(data["results"]) < n_full
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic rewrite leaves no temporary behind
+    # rows already printed and saved are the ones measured: every saved timed row is on stdout
+    for r in data["results"]:
+        if not r.get("error"):
+            assert r["kernel"] in proc.stdout
+
+
+def test_sigterm_mid_grid_keeps_what_was_measured(tmp_path):
+    """A `timeout` kill (SIGTERM) once the first JSON is on disk: the run ends cleanly, says the grid
+    was cut short, and the JSON it leaves parses and holds the baselines measured before the kill."""
+    import signal
+    import time
+    out = tmp_path / "killed.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--schemes", "int8,gptq:bits=4:group_size=64",
+           "--shapes", "64x256,128x256", "--m", "1,2,3,4,5,6,7,8", "--budget", "0.2", "--reps", "100",
+           "--no-flush", "--kernels", r"^(cpu\.|reference$)", "--no-progress", "--threads", "1",
+           "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    t0 = time.time()
+    while not out.exists() and proc.poll() is None and time.time() - t0 < 100:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=100)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "# grid cut short (interrupted)" in stdout, stdout[-2000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["complete"] is False and data["meta"]["cut_short"] == "interrupted"
+    assert {r["m"] for r in data["baselines"] if r["n"] == 64} == set(range(1, 9))
+    assert len(data["results"]) < 2 * 2 * 8 * 3  # far from the whole grid
