@@ -13,35 +13,21 @@ on its own.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from omniq.dispatch import CHECKPOINT, Kernel, Problem, register_kernel
-from omniq.dispatch.overrides import forced_kernel
+from omniq.dispatch import CHECKPOINT, Problem, register_kernel
 from omniq.kernels import triton_gguf as tg
 from omniq.kernels import triton_mx as tm
+from omniq.kernels._common import TritonKernel
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-class _TritonFP(Kernel):
-    backend = "triton"
+class _TritonFP(TritonKernel):
     max_m: int | None = None
     min_m: int | None = None
-
-    def available(self, device: torch.device) -> str | None:
-        if tm.triton is None:
-            return "Triton is not installed (pip install triton)"
-        if device.type == "cpu":
-            if os.environ.get("TRITON_INTERPRET", "0") != "1":
-                return "Triton does not compile for the CPU (TRITON_INTERPRET=1 runs it interpreted, for tests)"
-            if forced_kernel() != self.name:
-                return "interpreted Triton runs only when forced with omniq.use_kernel (tests), never by choice"
-            return None
-        if device.type in ("cuda", "xpu"):
-            return None
-        return f"Triton does not compile for {device.type} devices"
+    mode = "gemm"   # "splitk" | "gemm" | "dequant_mm"
+    tiled = dequant_mm = None   # the family's run functions: tiled(x, p, bias, mode), dequant_mm(x, p, bias)
 
     def _check(self, problem: Problem) -> str | None:
         raise NotImplementedError
@@ -58,133 +44,73 @@ class _TritonFP(Kernel):
                     f"(M={problem.m})")
         return self._check(problem)
 
+    def run(self, x, prepared, bias):
+        if self.mode == "dequant_mm":
+            return self.dequant_mm(x, prepared, bias)
+        return self.tiled(x, prepared, bias, self.mode)
+
+
+def _register_family(base: type, family: str, module, splitk: str, gemm: str, dequant_mm: str) -> tuple:
+    """Register the family's three kernels over one layout, triton.<family>.{splitk,gemm,dequant_mm}
+    (priorities 20 / 10 / 15; split-K for M <= module.SPLITK_MAX_M, dequant_mm for
+    M >= module.DEQUANT_MIN_M), and return their classes."""
+    stem = base.__name__.lstrip("_")
+    made = []
+    for mode, suffix, priority, doc, extra in (
+            ("splitk", "SplitK", 20, splitk, {"max_m": module.SPLITK_MAX_M}),
+            ("gemm", "Gemm", 10, gemm, {}),
+            ("dequant_mm", "DequantMM", 15, dequant_mm, {"min_m": module.DEQUANT_MIN_M})):
+        attrs = {"__doc__": doc, "__module__": __name__, "name": f"triton.{family}.{mode}",
+                 "priority": priority, "mode": mode, **extra}
+        made.append(register_kernel(type(stem + suffix, (base,), attrs)))
+    return tuple(made)
+
 
 class _FP4(_TritonFP):
     schemes = tm.FP4_SCHEMES
     layout = tm.FP4
+    tiled, dequant_mm = staticmethod(tm.run_fp4), staticmethod(tm.run_fp4_dequant_mm)
 
     def _check(self, problem):
         return tm.check_fp4_problem(problem.scheme, problem.n, problem.k, problem.act_dtype)
 
 
-@register_kernel
-class FP4SplitK(_FP4):
-    """MXFP4 / NVFP4 / dualscale, E2M1 decoded in registers, split-K over all SMs (M <= 64)."""
-
-    name = "triton.fp4.splitk"
-    priority = 20
-    max_m = tm.SPLITK_MAX_M
-
-    def run(self, x, prepared, bias):
-        return tm.run_fp4(x, prepared, bias, "splitk")
-
-
-@register_kernel
-class FP4Gemm(_FP4):
-    """MXFP4 / NVFP4 / dualscale, E2M1 decoded in registers, tiled GEMM for any M."""
-
-    name = "triton.fp4.gemm"
-    priority = 10
-
-    def run(self, x, prepared, bias):
-        return tm.run_fp4(x, prepared, bias, "gemm")
-
-
-@register_kernel
-class FP4DequantMM(_FP4):
-    """MXFP4 / NVFP4 / dualscale for large M: dequantize (one Triton pass, transient) + cuBLAS."""
-
-    name = "triton.fp4.dequant_mm"
-    priority = 15
-    min_m = tm.DEQUANT_MIN_M
-
-    def run(self, x, prepared, bias):
-        return tm.run_fp4_dequant_mm(x, prepared, bias)
+FP4SplitK, FP4Gemm, FP4DequantMM = _register_family(
+    _FP4, "fp4", tm,
+    splitk="MXFP4 / NVFP4 / dualscale, E2M1 decoded in registers, split-K over all SMs (M <= 64).",
+    gemm="MXFP4 / NVFP4 / dualscale, E2M1 decoded in registers, tiled GEMM for any M.",
+    dequant_mm="MXFP4 / NVFP4 / dualscale for large M: dequantize (one Triton pass, transient) + cuBLAS.")
 
 
 class _MXFP8(_TritonFP):
     schemes = ("mxfp8",)
     layout = tm.MXFP8
+    tiled, dequant_mm = staticmethod(tm.run_mxfp8), staticmethod(tm.run_mxfp8_dequant_mm)
 
     def _check(self, problem):
         return None
 
 
-@register_kernel
-class MXFP8SplitK(_MXFP8):
-    """MXFP8: W8A8 on e4m3 tensor cores with per-32 scales in the K loop (fused activation
-    quantization), or W8A16 with the weight decoded in registers; split-K (M <= 64)."""
-
-    name = "triton.mxfp8.splitk"
-    priority = 20
-    max_m = tm.SPLITK_MAX_M
-
-    def run(self, x, prepared, bias):
-        return tm.run_mxfp8(x, prepared, bias, "splitk")
-
-
-@register_kernel
-class MXFP8Gemm(_MXFP8):
-    """MXFP8 W8A8 / W8A16, tiled GEMM for any M."""
-
-    name = "triton.mxfp8.gemm"
-    priority = 10
-
-    def run(self, x, prepared, bias):
-        return tm.run_mxfp8(x, prepared, bias, "gemm")
-
-
-@register_kernel
-class MXFP8DequantMM(_MXFP8):
-    """MXFP8 for large M: fused activation fake-quantization and weight dequantization (exact in
-    the activation dtype) + cuBLAS."""
-
-    name = "triton.mxfp8.dequant_mm"
-    priority = 15
-    min_m = tm.DEQUANT_MIN_M
-
-    def run(self, x, prepared, bias):
-        return tm.run_mxfp8_dequant_mm(x, prepared, bias)
+MXFP8SplitK, MXFP8Gemm, MXFP8DequantMM = _register_family(
+    _MXFP8, "mxfp8", tm,
+    splitk="MXFP8: W8A8 on e4m3 tensor cores with per-32 scales in the K loop (fused activation "
+           "quantization), or W8A16 with the weight decoded in registers; split-K (M <= 64).",
+    gemm="MXFP8 W8A8 / W8A16, tiled GEMM for any M.",
+    dequant_mm="MXFP8 for large M: fused activation fake-quantization and weight dequantization (exact in "
+               "the activation dtype) + cuBLAS.")
 
 
 class _GGUF(_TritonFP):
     schemes = ("gguf",)
     layout = CHECKPOINT   # the raw block bytes, decoded in the kernel
+    tiled, dequant_mm = staticmethod(tg.run_gguf), staticmethod(tg.run_gguf_dequant_mm)
 
     def _check(self, problem):
         return tg.check_gguf_problem(problem.scheme, problem.n, problem.k, problem.act_dtype)
 
 
-@register_kernel
-class GGUFSplitK(_GGUF):
-    """GGUF blocks (all ten types) decoded in-kernel from the file's bytes; split-K (M <= 64)."""
-
-    name = "triton.gguf.splitk"
-    priority = 20
-    max_m = tg.SPLITK_MAX_M
-
-    def run(self, x, prepared, bias):
-        return tg.run_gguf(x, prepared, bias, "splitk")
-
-
-@register_kernel
-class GGUFGemm(_GGUF):
-    """GGUF blocks decoded in-kernel; tiled GEMM for any M."""
-
-    name = "triton.gguf.gemm"
-    priority = 10
-
-    def run(self, x, prepared, bias):
-        return tg.run_gguf(x, prepared, bias, "gemm")
-
-
-@register_kernel
-class GGUFDequantMM(_GGUF):
-    """GGUF for large M: raw blocks dequantized in one Triton pass (transient) + cuBLAS."""
-
-    name = "triton.gguf.dequant_mm"
-    priority = 15
-    min_m = tg.DEQUANT_MIN_M
-
-    def run(self, x, prepared, bias):
-        return tg.run_gguf_dequant_mm(x, prepared, bias)
+GGUFSplitK, GGUFGemm, GGUFDequantMM = _register_family(
+    _GGUF, "gguf", tg,
+    splitk="GGUF blocks (all ten types) decoded in-kernel from the file's bytes; split-K (M <= 64).",
+    gemm="GGUF blocks decoded in-kernel; tiled GEMM for any M.",
+    dequant_mm="GGUF for large M: raw blocks dequantized in one Triton pass (transient) + cuBLAS.")

@@ -12,41 +12,18 @@ from __future__ import annotations
 
 import torch
 
-from omniq.dispatch import Kernel, register_kernel
-from omniq.dispatch.overrides import forced_kernel
+from omniq.dispatch import register_kernel
 from omniq.kernels import triton_affine as affine
 from omniq.kernels import triton_w8a8 as w8a8
+from omniq.kernels._common import TritonKernel as _TritonKernel
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def triton_reason(kernel_name: str, device: torch.device) -> str | None:
-    """Why Triton kernels cannot run on `device` here, or None."""
-    if affine.triton is None:
-        return "Triton is not installed (pip install triton)"
-    if device.type == "cpu":
-        if affine.interpreting() and forced_kernel() == kernel_name:
-            return None
-        return ("Triton does not compile for the CPU; its interpreter (TRITON_INTERPRET=1) runs only a "
-                "forced kernel, for tests")
-    if device.type == "cuda":
-        return None if torch.cuda.is_available() else "torch has no CUDA runtime here"
-    if device.type == "xpu":
-        return None
-    return f"Triton does not compile for device type {device.type!r}"
 
 
 def _capability(device: torch.device) -> tuple[int, int] | None:
     if device.type == "cuda" and torch.cuda.is_available() and torch.version.hip is None:
         return torch.cuda.get_device_capability(device)
     return None
-
-
-class _TritonKernel(Kernel):
-    backend = "triton"
-
-    def available(self, device):
-        return triton_reason(self.name, device)
 
 
 # ---- grouped integer weight-only -------------------------------------------------------------
@@ -57,6 +34,7 @@ class _Affine(_TritonKernel):
     schemes = AFFINE_SCHEMES
     layout = affine.LAYOUT
     max_m: int | None = None
+    mode = "gemm"   # run_dot's config kind (gemv and dequant_mm run their own kernels)
     a8 = True  # also serves W4A8 (int8 activations)
 
     def serves(self, scheme):
@@ -83,6 +61,9 @@ class _Affine(_TritonKernel):
                 return f"group_size={g} is not a multiple of 16 (int8 K tiles must stay inside one group)"
         return None
 
+    def run(self, x, p, bias):
+        return affine.run_dot(x, p, bias, self.mode, act_int8=p.act_int8)
+
 
 @register_kernel
 class AffineGemv(_Affine):
@@ -102,9 +83,7 @@ class AffineSplitK(_Affine):
     name = "triton.affine.splitk"
     priority = 20
     max_m = affine.SPLITK_MAX_M
-
-    def run(self, x, p, bias):
-        return affine.run_dot(x, p, bias, "splitk", act_int8=p.act_int8)
+    mode = "splitk"
 
 
 @register_kernel
@@ -112,9 +91,7 @@ class AffineGemm(_Affine):
     """Tensor-core GEMM for large M (dequantized weight as the MMA's register operand)."""
     name = "triton.affine.gemm"
     priority = 10
-
-    def run(self, x, p, bias):
-        return affine.run_dot(x, p, bias, "gemm", act_int8=p.act_int8)
+    mode = "gemm"
 
 
 @register_kernel
@@ -141,6 +118,7 @@ class _W8A8(_TritonKernel):
     schemes = W8A8_SCHEMES
     layout = w8a8.LAYOUT
     max_m: int | None = None
+    mode = "gemm"   # run_dot's config kind
 
     def can_implement(self, pr):
         sch = pr.scheme
@@ -163,6 +141,9 @@ class _W8A8(_TritonKernel):
                     f"inside one group)")
         return None
 
+    def run(self, x, p, bias):
+        return w8a8.run_dot(x, p, bias, self.mode)
+
 
 @register_kernel
 class W8A8SplitK(_W8A8):
@@ -170,9 +151,7 @@ class W8A8SplitK(_W8A8):
     name = "triton.w8a8.splitk"
     priority = 20
     max_m = w8a8.SPLITK_MAX_M
-
-    def run(self, x, p, bias):
-        return w8a8.run_dot(x, p, bias, "splitk")
+    mode = "splitk"
 
 
 @register_kernel
@@ -180,6 +159,4 @@ class W8A8Gemm(_W8A8):
     """Large-M fp8 / int8 tensor-core GEMM with per-token x per-channel scales in the epilogue."""
     name = "triton.w8a8.gemm"
     priority = 10
-
-    def run(self, x, p, bias):
-        return w8a8.run_dot(x, p, bias, "gemm")
+    mode = "gemm"

@@ -32,29 +32,18 @@ exact.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from omniq.dispatch import Layout
 from omniq.errors import KernelError, where
-
-try:  # Triton is optional: omniq imports without it, the kernels report its absence
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
-    tl = None
+from omniq.kernels._common import (float_dot_dtype, interpreting, launch_grid, layered_config, next_pow2,
+                                   pick_split, split_workspace, tl, triton)
 
 SUPPORTED_BITS = (2, 4, 8)
 LAYOUT_NAME = "triton.affine.v1"
 WORDS_PER_BLOCK = 16   # words per row per K block: each value slot is a 16-wide dot
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (tests only)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,31 +218,6 @@ def tile_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
         buf = torch.zeros(max(n_tiles, 4096), dtype=torch.int32, device=device)
         _COUNTERS[key] = buf
     return buf
-
-
-_SM_COUNT: dict = {}
-
-
-def sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
-def next_pow2(v: int) -> int:
-    return 1 << max(0, (int(v) - 1).bit_length())
-
-
-def split_for(tiles: int, k_tiles: int, device: torch.device, waves: float = 2.0, cap: int = 16) -> int:
-    """Split-K factor that gives about `waves` CTAs per SM without empty splits."""
-    want = max(1, int(round(waves * sm_count(device) / max(tiles, 1))))
-    s = min(want, cap, k_tiles)
-    while s > 1 and -(-k_tiles // s) * (s - 1) >= k_tiles:  # the last split would be empty
-        s -= 1
-    return max(s, 1)
 
 
 if triton is not None:
@@ -670,12 +634,7 @@ DEQUANT_CHUNK_BYTES = 256 << 20
 
 
 def config_for(kind: str, m: int, n: int, k: int, device: torch.device | None = None) -> dict:
-    from omniq.dispatch.kernel import m_bucket
-    mb = m_bucket(m)
-    cfg = dict(DEFAULTS[kind])
-    cfg.update(BY_M.get((kind, mb), {}))
-    cfg.update(TUNED.get((kind, n, k, mb), {}))
-    return cfg
+    return layered_config(DEFAULTS, BY_M, TUNED, kind, m, (kind, n, k))
 
 
 def scale_at(p: AffinePrepared) -> int:
@@ -689,14 +648,6 @@ def scale_at(p: AffinePrepared) -> int:
     if p.group_size % 16 == 0:
         return 1
     return 0
-
-
-def _dot_dtype(x: torch.Tensor):
-    if x.dtype == torch.float32:
-        return tl.float32, True
-    if x.dtype == torch.bfloat16 and interpreting():
-        return tl.float32, False  # the interpreter's bf16 dot is wrong; fp32 holds bf16 exactly
-    return (tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16), False
 
 
 def _common_args(x, p: AffinePrepared, bias, y):
@@ -716,8 +667,6 @@ def run_dot(x: torch.Tensor, p: AffinePrepared, bias: torch.Tensor | None, kind:
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = dict(cfg or config_for(kind, m, p.n, p.k, x.device))
-    bn = max(16, min(cfg["BLOCK_N"], next_pow2(p.n)))
-    bm = max(16, min(cfg["BLOCK_M"], next_pow2(m)))
     at = scale_at(p)
     xs = None
     out_dtype = x.dtype
@@ -727,22 +676,18 @@ def run_dot(x: torch.Tensor, p: AffinePrepared, bias: torch.Tensor | None, kind:
                               f"multiples of 16 (group_size={p.group_size}, bits={p.bits})")
         from omniq.kernels.triton_w8a8 import ACT_TOKEN_DIV, quantize_activation
         x, xs, _ = quantize_activation(x, ACT_TOKEN_DIV, fp8=False)
-    grid_n, grid_m = -(-p.n // bn), -(-m // bm)
     n_blocks = p.qweight.shape[1] // WORDS_PER_BLOCK
-    split = cfg.get("SPLIT_K") or split_for(grid_n * grid_m, n_blocks, x.device, cfg.get("waves", 2.0))
-    split = max(1, min(split, n_blocks))
+    bn, bm, tiles, split = launch_grid(cfg, p.n, m, n_blocks, x.device)
     # int8 activations times 4-bit codes: fp16 operands hold both exactly, and each 128-wide
     # block's fp32 sum (|sum| < 2^18) is exact too; 8-bit tensor-core dots would need K >= 32
-    dot_dtype, ieee = (tl.float16, False) if act_int8 else _dot_dtype(x)
+    dot_dtype, ieee = (tl.float16, False) if act_int8 else float_dot_dtype(x.dtype)
     # lop3 folds one zero point per K block into its fma: integer zeros, constant within a block
     use_asm = bool(cfg.get("ASM", False)) and (at == 2 or (at == 1 and p.zmode == 0)) and p.zmode != 2 \
         and p.bits == 4 and not ieee and not act_int8 \
         and x.device.type == "cuda" and torch.version.hip is None and not interpreting()
     asm = (1 if x.dtype == torch.bfloat16 else 2) if use_asm else 0
     y = torch.empty(m, p.n, dtype=out_dtype, device=x.device)
-    tiles = grid_n * grid_m
-    ws = torch.empty(split * tiles * bn * bm if split > 1 else 1, dtype=torch.float32, device=x.device)
-    cnt = tile_counters(x.device, tiles) if split > 1 else ws
+    ws, cnt = split_workspace(split, tiles, bn, bm, x.device, tile_counters)
     _affine_dot_kernel[(tiles, split)](
         *_common_args(x, p, bias, y), ws, cnt, xs if xs is not None else ws,
         m, p.n, p.k, p.qweight.shape[1], p.group_size, x.stride(0), y.stride(0), split,
@@ -765,11 +710,9 @@ def run_gemv(x: torch.Tensor, p: AffinePrepared, bias: torch.Tensor | None,
     bm = next_pow2(m)
     grid_n = -(-p.n // bn)
     n_blocks = p.qweight.shape[1] // WORDS_PER_BLOCK
-    split = cfg.get("SPLIT_K") or split_for(grid_n, n_blocks, x.device, cfg.get("waves", 4.0))
-    split = max(1, min(split, n_blocks))
+    split = pick_split(cfg, grid_n, n_blocks, x.device, waves=4.0)
     y = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
-    ws = torch.empty(split * grid_n * bn * bm if split > 1 else 1, dtype=torch.float32, device=x.device)
-    cnt = tile_counters(x.device, grid_n) if split > 1 else ws
+    ws, cnt = split_workspace(split, grid_n, bn, bm, x.device, tile_counters)
     _affine_gemv_kernel[(grid_n, split)](
         *_common_args(x, p, bias, y), ws, cnt,
         m, p.n, p.k, p.qweight.shape[1], p.group_size, x.stride(0), y.stride(0), split,

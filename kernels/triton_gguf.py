@@ -22,14 +22,8 @@ from __future__ import annotations
 import torch
 
 from omniq.errors import KernelError, where
-from omniq.kernels.triton_mx import dot_dtype, next_pow2, nvidia_ptx, split_for, tile_counters
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
-    tl = None
+from omniq.kernels._common import layered_config, tl, triton
+from omniq.kernels.triton_mx import _launch_grid, _workspace, dot_dtype, nvidia_ptx
 
 # ggml type ids (gguf.GGMLQuantizationType), the kernel's TYPE constant
 TYPE_IDS = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7,
@@ -393,13 +387,7 @@ TUNED: dict = {}   # (kind, type, n, k, m_bucket) -> overrides
 
 
 def config_for(kind: str, gtype: str, m: int, n: int, k: int) -> dict:
-    from omniq.dispatch.kernel import m_bucket
-    mb = m_bucket(m)
-    cfg = dict(DEFAULTS[kind])
-    cfg.update(BY_M.get((kind, mb), {}))
-    cfg.update(BY_TYPE.get((kind, gtype), {}))
-    cfg.update(TUNED.get((kind, gtype, n, k, mb), {}))
-    return cfg
+    return layered_config(DEFAULTS, BY_M, TUNED, kind, m, (kind, gtype, n, k), BY_TYPE.get((kind, gtype), {}))
 
 
 def gguf_type(qw) -> str:
@@ -431,18 +419,9 @@ def run_gguf(x: torch.Tensor, qw, bias: torch.Tensor | None, kind: str = "gemm",
     while n_blocks % blocks:
         blocks -= 1
     iters = n_blocks // blocks
-    bn = max(16, min(cfg["BLOCK_N"], next_pow2(n)))
-    bm = max(16, min(cfg["BLOCK_M"], next_pow2(m)))
-    tiles = -(-n // bn) * -(-m // bm)
-    split = (cfg.get("SPLIT_K") or split_for(tiles, iters, x.device, cfg.get("waves", 2.0))) \
-        if kind == "splitk" else cfg.get("SPLIT_K", 1)
-    split = max(1, min(split, iters))
+    bn, bm, tiles, split = _launch_grid(kind, m, n, iters, x.device, cfg)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if split > 1:
-        ws = torch.empty(split * tiles * bn * bm, dtype=torch.float32, device=x.device)
-        cnt = tile_counters(x.device, tiles)
-    else:
-        ws = cnt = y
+    ws, cnt = _workspace(split, tiles, bn, bm, x.device, dummy=y)
     _gguf_kernel[(tiles, split)](
         x, w, w.view(torch.int16), bias if bias is not None else y, y, ws, cnt,
         m, n, n_blocks, w.stride(0), x.stride(0), y.stride(0),

@@ -41,20 +41,13 @@ dot operands stay exact.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from omniq.dispatch import Layout
 from omniq.errors import KernelError, where
-
-try:  # Triton is optional: omniq imports without it, the kernels report its absence
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
-    tl = None
+from omniq.kernels._common import interpreting, launch_grid, layered_config, next_pow2, split_workspace, tl, triton
 
 FP4_LAYOUT = "triton.fp4.v1"
 MXFP8_LAYOUT = "triton.mxfp8.v1"
@@ -64,11 +57,6 @@ FP4_SCHEMES = ("mxfp4", "nvfp4", "mxfp4_dualscale")
 FMT_MXFP4, FMT_NVFP4, FMT_MXFP8 = 0, 1, 2
 # shared-exponent rules of omniq.formats.e8m0, as kernel constants
 RULES = {"floor": 0, "ceil": 1, "even": 2, "rceil": 3}
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (tests only)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def nvidia_ptx(device: torch.device) -> bool:
@@ -609,7 +597,6 @@ if triton is not None:
 # Host side: configurations and launches
 # --------------------------------------------------------------------------------------------
 _COUNTERS: dict = {}
-_SM: dict = {}
 
 
 def tile_counters(device: torch.device, n: int) -> torch.Tensor:
@@ -625,27 +612,6 @@ def tile_counters(device: torch.device, n: int) -> torch.Tensor:
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
         _COUNTERS[key] = buf
     return buf
-
-
-def sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM:
-        _SM[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM[idx]
-
-
-def next_pow2(v: int) -> int:
-    return 1 << max(0, (int(v) - 1).bit_length())
-
-
-def split_for(tiles: int, iters: int, device: torch.device, waves: float) -> int:
-    """Split-K factor giving about `waves` CTAs per SM, never an empty split."""
-    s = max(1, min(int(round(waves * sm_count(device) / max(tiles, 1))), 32, iters))
-    while s > 1 and -(-iters // s) * (s - 1) >= iters:
-        s -= 1
-    return s
 
 
 SPLITK_MAX_M = 64
@@ -669,12 +635,7 @@ TUNED: dict = {}
 
 
 def config_for(kind: str, fmt: int, m: int, n: int, k: int) -> dict:
-    from omniq.dispatch.kernel import m_bucket
-    mb = m_bucket(m)
-    cfg = dict(DEFAULTS[kind])
-    cfg.update(BY_M.get((kind, mb), {}))
-    cfg.update(TUNED.get((kind, fmt, n, k, mb), {}))
-    return cfg
+    return layered_config(DEFAULTS, BY_M, TUNED, kind, m, (kind, fmt, n, k))
 
 
 def dot_dtype(dtype: torch.dtype):
@@ -687,23 +648,12 @@ def dot_dtype(dtype: torch.dtype):
 
 
 def _launch_grid(kind, m, n, iters, device, cfg):
-    bn = max(16, min(cfg["BLOCK_N"], next_pow2(n)))
-    bm = max(16, min(cfg["BLOCK_M"], next_pow2(m)))
-    tiles = -(-n // bn) * -(-m // bm)
-    if kind.endswith("splitk"):
-        split = cfg.get("SPLIT_K") or split_for(tiles, iters, device, cfg.get("waves", 2.0))
-    else:
-        split = cfg.get("SPLIT_K", 1)
-    split = max(1, min(split, iters))
-    return bn, bm, tiles, split
+    """(BLOCK_N, BLOCK_M, tiles, split); only the split-K kinds split K unless cfg says so."""
+    return launch_grid(cfg, n, m, iters, device, splitk=kind.endswith("splitk"), cap=32)
 
 
-def _workspace(split, tiles, bn, bm, device):
-    if split == 1:
-        dummy = torch.empty(1, dtype=torch.float32, device=device)
-        return dummy, dummy
-    ws = torch.empty(split * tiles * bn * bm, dtype=torch.float32, device=device)
-    return ws, tile_counters(device, tiles)
+def _workspace(split, tiles, bn, bm, device, dummy=None):
+    return split_workspace(split, tiles, bn, bm, device, tile_counters, dummy)
 
 
 def _fp4_activation(x: torch.Tensor, p: FP4Prepared):

@@ -27,7 +27,9 @@ import torch
 
 from omniq.dispatch import Layout
 from omniq.errors import KernelError, where
-from omniq.kernels.triton_affine import interpreting, next_pow2, split_for, tile_counters, triton, tl
+from omniq.kernels._common import (float_dot_dtype, interpreting, launch_grid, layered_config, next_pow2,
+                                   split_workspace, tl, triton)
+from omniq.kernels.triton_affine import tile_counters
 
 if triton is not None:
     from omniq.kernels.triton_affine import _tile_epilogue
@@ -452,12 +454,7 @@ SPLITK_MAX_M = 64
 
 
 def config_for(kind: str, m: int, n: int, k: int, fp8: bool = True) -> dict:
-    from omniq.dispatch.kernel import m_bucket
-    mb = m_bucket(m)
-    cfg = dict(DEFAULTS[kind])
-    cfg.update(BY_M.get((kind, mb), {}))
-    cfg.update(TUNED.get((kind, "fp8" if fp8 else "int8", n, k, mb), {}))
-    return cfg
+    return layered_config(DEFAULTS, BY_M, TUNED, kind, m, (kind, "fp8" if fp8 else "int8", n, k))
 
 
 MIN_BLOCK_K = 32   # 8-bit tensor-core dots need K >= 32 per instruction
@@ -486,17 +483,10 @@ def run_dot(x: torch.Tensor, p: W8A8Prepared, bias: torch.Tensor | None, kind: s
             raise KernelError(f"{where(p.name)}block-scaled fp8 weights without activation quantization are "
                               f"not supported by the triton.w8a8 kernels")
         xq, xs, azp = x, p.w_scale, None
-        if x.dtype == torch.float32:
-            dot_dtype, ieee = tl.float32, True
-        elif x.dtype == torch.bfloat16 and interpreting():
-            dot_dtype, ieee = tl.float32, False
-        else:
-            dot_dtype, ieee = (tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16), False
+        dot_dtype, ieee = float_dot_dtype(x.dtype)
     else:
         xq, xs, azp = xq if xq is not None else quantize_prepared_activation(x, p)
         dot_dtype, ieee = tl.float32, False
-    bn = max(16, min(cfg["BLOCK_N"], next_pow2(p.n)))
-    bm = max(16, min(cfg["BLOCK_M"], next_pow2(m)))
     if p.wmode == W_BLOCK:
         bk = BLOCK
     elif p.wmode == W_GROUP:
@@ -505,14 +495,9 @@ def run_dot(x: torch.Tensor, p: W8A8Prepared, bias: torch.Tensor | None, kind: s
             raise KernelError(f"{where(p.name)}weight group size {p.group_size} is not a multiple of {MIN_BLOCK_K}")
     else:
         bk = max(MIN_BLOCK_K, min(cfg["BLOCK_K"], next_pow2(p.k)))
-    grid_n, grid_m = -(-p.n // bn), -(-m // bm)
-    k_tiles = -(-p.k // bk)
-    tiles = grid_n * grid_m
-    split = cfg.get("SPLIT_K") or split_for(tiles, k_tiles, x.device, cfg.get("waves", 2.0))
-    split = max(1, min(split, k_tiles))
+    bn, bm, tiles, split = launch_grid(cfg, p.n, m, -(-p.k // bk), x.device)
     y = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
-    wsp = torch.empty(split * tiles * bn * bm if split > 1 else 1, dtype=torch.float32, device=x.device)
-    cnt = tile_counters(x.device, tiles) if split > 1 else wsp
+    wsp, cnt = split_workspace(split, tiles, bn, bm, x.device, tile_counters)
     n_kb_w = p.w_scale.shape[1] if p.wmode == W_BLOCK else 1
 
     def opt(t):
