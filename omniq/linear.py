@@ -15,6 +15,7 @@ import torch
 
 from omniq.dispatch import overrides
 from omniq.dispatch.kernel import CHECKPOINT, Problem, m_bucket
+from omniq.dispatch.registry import get_kernel
 from omniq.dispatch.select import candidates, choose, explain_problem, forced
 from omniq.errors import KernelError, OmniqError, where
 from omniq.schemes.base import QuantizedWeight
@@ -30,8 +31,11 @@ class PreparedLinear:
     _live: "weakref.WeakValueDictionary[int, PreparedLinear]" = weakref.WeakValueDictionary()
 
     def __init__(self, qw: QuantizedWeight, device=None, act_dtype: torch.dtype = torch.bfloat16,
-                 layout: str | None = None):
+                 layout: str | None = None, kernel: str | None = None):
         self.qw = qw
+        # a kernel this layer must always use (e.g. a vLLM config's "kernel"): checked here, at
+        # prepare time, and per M bucket like OMNIQ_KERNEL, without a per-call context manager
+        self.pinned = kernel
         self.device = torch.device(device) if device is not None else qw.device
         self.n, self.k = qw.shape
         self.layout = layout or self._pick_layout(act_dtype)
@@ -52,11 +56,11 @@ class PreparedLinear:
         """The one layout this layer keeps: among layouts with a valid kernel at every
         representative M, the one whose kernels win the most of those M."""
         problems = [self.problem(m, act_dtype) for m in LAYOUT_VOTE_M]
-        if overrides.forced_kernel():
+        if self.pinned or overrides.forced_kernel():
             errors = []
             for pr in problems:  # the forced kernel must run this N x K for some M
                 try:
-                    return forced(pr, None, self.qw.name).layout.name
+                    return forced(pr, None, self.qw.name, self.pinned).layout.name
                 except KernelError as e:
                     errors.append(e)
             raise errors[0]
@@ -88,7 +92,8 @@ class PreparedLinear:
         key = (m_bucket(m), act_dtype)
         k = self._choices.get(key)
         if k is None:
-            k = choose(self.problem(m, act_dtype), self.layout, {self.layout: self.data}, self.qw.name)
+            k = choose(self.problem(m, act_dtype), self.layout, {self.layout: self.data}, self.qw.name,
+                       self.pinned)
             self._choices[key] = k
         return k
 
@@ -124,9 +129,12 @@ _prepared_cache: "weakref.WeakKeyDictionary[QuantizedWeight, dict]" = weakref.We
 
 
 def prepare(qw: QuantizedWeight, device=None, act_dtype: torch.dtype = torch.bfloat16,
-            layout: str | None = None) -> PreparedLinear:
-    """Prepare `qw` for `device` once: choose its layout and repack the storage for it."""
-    return PreparedLinear(qw, device, act_dtype, layout)
+            layout: str | None = None, kernel: str | None = None) -> PreparedLinear:
+    """Prepare `qw` for `device` once: choose its layout and repack the storage for it.
+    `kernel` pins one kernel for this layer (an error now if it cannot run the layer)."""
+    if kernel is not None:
+        get_kernel(kernel)  # an unknown name fails here, listing the registered ones
+    return PreparedLinear(qw, device, act_dtype, layout, kernel)
 
 
 def _prepared(w, device: torch.device, act_dtype) -> PreparedLinear:
@@ -195,4 +203,4 @@ def explain(w, m: int = 1, device=None, act_dtype: torch.dtype = torch.bfloat16,
         if p is None:
             problem = Problem(w.scheme, w.shape[0], w.shape[1], m, act_dtype, device)
             return explain_problem(problem)
-    return explain_problem(p.problem(m, act_dtype), p.layout, {p.layout: p.data}, measure)
+    return explain_problem(p.problem(m, act_dtype), p.layout, {p.layout: p.data}, measure, p.pinned)

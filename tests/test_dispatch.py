@@ -139,6 +139,18 @@ def test_forced_kernel_that_cannot_run_raises_its_reason(toy):
             omniq.linear(_x(20), p2)
 
 
+def test_a_layer_can_pin_its_kernel_without_a_context(toy):
+    qw = _weight(toy)
+    p = omniq.prepare(qw, "cpu", torch.float32, kernel="test.toy.slow")
+    assert p.kernel_for(1, torch.float32).name == "test.toy.slow"
+    assert {v.kernel: v.status for v in omniq.explain(p, m=1, act_dtype=torch.float32)}["test.toy.slow"] == "chosen"
+    assert omniq.prepare(qw, "cpu", torch.float32).kernel_for(1, torch.float32).name == "test.toy.fast"
+    with pytest.raises(KernelError, match="needs M > 16, got M=1"):
+        omniq.linear(_x(1), omniq.prepare(qw, "cpu", torch.float32, kernel="test.toy.large_m"))
+    with pytest.raises(KernelError, match="registered kernels"):
+        omniq.prepare(qw, "cpu", kernel="no.such.kernel")
+
+
 def test_unknown_forced_kernel_lists_registered(toy):
     with pytest.raises(KernelError, match="registered kernels"):
         with omniq.use_kernel("no.such.kernel"):

@@ -79,9 +79,11 @@ def candidates(problem: Problem, layout=None) -> list[Kernel]:
     return sorted(out, key=lambda k: -k.priority)
 
 
-def forced(problem: Problem, layout: str | None, layer: str | None = None) -> Kernel | None:
-    """The forced kernel, checked against the problem: an error with the reason if it can't run."""
-    name = overrides.forced_kernel()
+def forced(problem: Problem, layout: str | None, layer: str | None = None,
+           pinned: str | None = None) -> Kernel | None:
+    """The forced kernel (the layer's `pinned` one, else OMNIQ_KERNEL / use_kernel), checked
+    against the problem: an error with the reason if it can't run."""
+    name = pinned or overrides.forced_kernel()
     if not name:
         return None
     k = get_kernel(name)
@@ -108,10 +110,10 @@ def measured_times(problem: Problem, kernels: list[Kernel]) -> dict[str, float] 
 
 
 def choose(problem: Problem, layout: str | None = None, prepared_for: dict | None = None,
-           layer: str | None = None) -> Kernel:
+           layer: str | None = None, pinned: str | None = None) -> Kernel:
     """The kernel to run `problem` with. `prepared_for` maps layout name -> prepared weight
-    (needed only for a timed trial)."""
-    k = forced(problem, layout, layer)
+    (needed only for a timed trial); `pinned` names a kernel this layer must use."""
+    k = forced(problem, layout, layer, pinned)
     if k is not None:
         return k
     cands = candidates(problem, layout)
@@ -174,7 +176,7 @@ def trial(problem: Problem, cands: list[Kernel], prepared_for: dict, save: bool 
 
 
 def explain_problem(problem: Problem, layout: str | None = None, prepared_for: dict | None = None,
-                    measure: bool = False) -> list[Verdict]:
+                    measure: bool = False, pinned: str | None = None) -> list[Verdict]:
     """Every registered kernel with its verdict for `problem`."""
     disabled = overrides.disabled_kernels()
     verdicts = []
@@ -196,12 +198,12 @@ def explain_problem(problem: Problem, layout: str | None = None, prepared_for: d
     for v in valid:
         v.time_us = times.get(v.kernel)
     try:
-        chosen = choose(problem, layout, None).name
-    except KernelError as e:
+        chosen = choose(problem, layout, None, pinned=pinned).name
+    except KernelError:
         chosen = None
-        if overrides.forced_kernel():
+        if pinned or overrides.forced_kernel():
             raise
-    if measure and times:
+    if measure and times and not (pinned or overrides.forced_kernel()):
         chosen = min((v for v in valid if v.time_us is not None), key=lambda v: v.time_us).kernel
     for v in verdicts:
         if v.kernel == chosen:

@@ -513,12 +513,8 @@ class OmniqLinearMethod(LinearMethodBase):
     def _finish(self, layer, qw: QuantizedWeight, folded_bias: bool) -> None:
         device = qw.device if qw.device.type != "meta" else torch.device("cpu")
         act_dtype = layer.orig_dtype if layer.orig_dtype.is_floating_point else torch.bfloat16
-        if self.config.kernel:
-            # a forced kernel that cannot run this layer raises KernelError naming it, now
-            with omniq.use_kernel(self.config.kernel):
-                prepared = omniq.prepare(qw, device, act_dtype=act_dtype)
-        else:
-            prepared = omniq.prepare(qw, device, act_dtype=act_dtype)
+        # a forced kernel that cannot run this layer raises KernelError naming it, now
+        prepared = omniq.prepare(qw, device, act_dtype=act_dtype, kernel=self.config.kernel)
         layer.omniq = prepared
         # msModelSlim checkpoints fold the float bias into quant_bias: adding it again doubles it
         layer.omniq_folded_bias = folded_bias
@@ -531,11 +527,7 @@ class OmniqLinearMethod(LinearMethodBase):
             bias = None
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if self.config.kernel:
-            with omniq.use_kernel(self.config.kernel):
-                y = omniq.linear(x2, p, bias)
-        else:
-            y = omniq.linear(x2, p, bias)
+        y = omniq.linear(x2, p, bias)  # a configured kernel is pinned in the prepared layer
         return y.reshape(*lead, y.shape[-1])
 
 
