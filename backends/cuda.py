@@ -5,6 +5,8 @@ cuda.fp8.scaled_mm     torch._scaled_mm (cuBLASLt fp8, row-wise scales), fed by 
 cuda.int8.int_mm       torch._int_mm (int32 out) + a fused Triton epilogue (scales, zero point,
                        msModelSlim quant_bias, bias, cast); shares "triton.w8a8.v1"
 cuda.int4.tinygemm     torch._weight_int4pack_mm (tinygemm) on its own packed layout
+cuda.affine.mma_gemv   omniq's CUDA C++ 4-bit GEMV on tensor cores for M <= 16 (NVRTC-compiled at
+                       first use), reading the "triton.affine.v1" layout in place
 cuda.vllm.*            Marlin, Machete and CUTLASS ops from `vllm._custom_ops`: registered as
                        candidates so the dispatcher can measure them; they report why not when
                        vLLM is absent or a CPU build
@@ -17,7 +19,9 @@ import torch
 
 from omniq.dispatch import Kernel, Layout, register_kernel
 from omniq.errors import KernelError, where
+from omniq.kernels import cuda_affine_mma as affine_mma
 from omniq.kernels import triton_affine as affine
+from omniq.kernels.nvrtc import nvrtc_reason
 from omniq.kernels import triton_w8a8 as w8a8
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -147,6 +151,40 @@ class IntMM(_Cuda):
         xq, xs, azp = _quantize(x, p)
         acc = torch._int_mm(xq, p.weight.t())
         return w8a8.int_epilogue(acc, p, xs, azp, bias, x.dtype)
+
+
+# ---- int4 weight-only: omniq's tensor-core GEMV ------------------------------------------------
+@register_kernel
+class AffineMmaGemv(Kernel):
+    """4-bit GPTQ / AWQ / AutoRound at M <= 16: lop3 dequantization straight into mma.sync
+    fragments, split-K over CTAs (kernels/cuda_affine_mma.py)."""
+    name = "cuda.affine.mma_gemv"
+    backend = "cuda"
+    schemes = ("gptq", "awq")
+    priority = 30
+    layout = affine.LAYOUT
+
+    def available(self, device):
+        why = nvrtc_reason(device)
+        if why is None and _capability(device) < (8, 0):
+            why = "bf16 / fp16 mma.sync needs compute capability 8.0+"
+        return why
+
+    def can_implement(self, pr):
+        sch = pr.scheme
+        if getattr(sch, "bits", 4) != 4:
+            return f"{sch.bits}-bit codes: this kernel decodes 4-bit nibbles only"
+        g = getattr(sch, "group_size", -1)
+        if g != -1 and g % 128:
+            return f"group_size={g}: needs -1 or a multiple of 128 (one scale per 128-wide K block)"
+        if pr.m > affine_mma.MAX_M:
+            return f"M={pr.m} > {affine_mma.MAX_M}: use the GEMM kernels"
+        if pr.act_dtype not in _HALF:
+            return f"activations must be bf16 or fp16 (the MMA's input types), not {pr.act_dtype}"
+        return None
+
+    def run(self, x, p, bias):
+        return affine_mma.run(x, p, bias)
 
 
 # ---- int4 weight-only: tinygemm -----------------------------------------------------------------

@@ -12,13 +12,16 @@ ln -sfn ../kernels omniq/kernels; ln -sfn ../backends omniq/backends; export PYT
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   python3 -c "import gemlite; print('gemlite', gemlite.__version__)" 2>&1 | tail -1; } > "$OUT/env.txt"
 SCHEMES=${SCHEMES:-gptq:bits=4:group_size=128,int8,fp8,mxfp4:activation=None,nvfp4:activation=None,mxfp8,gguf:type=q4_k,gguf:type=q8_0}
-timeout ${BENCH_S:-300} python3 benchmarks/run.py --device cuda --schemes "$SCHEMES" \
+BENCH_S=${BENCH_S:-300}
+timeout $((BENCH_S + 60)) python3 benchmarks/run.py --device cuda --schemes "$SCHEMES" \
     --shapes 8192x8192,12288x3072,3072x12288 --m ${BENCH_M:-1,16,64,512,2048} --graph --peers --overhead \
-    --budget 0.1 --no-progress --json "$OUT/h200.json" > "$OUT/bench.txt" 2>&1
+    --budget 0.1 --no-progress --max-seconds "$BENCH_S" --json "$OUT/h200.json" --plot "$OUT/plots" \
+    > "$OUT/bench.txt" 2>&1
 echo "bench rc=$?" >> "$OUT/env.txt"
+[ -d "$OUT/plots" ] && tar -C "$OUT" -czf "$OUT/plots.tgz" plots && rm -rf "$OUT/plots"
 timeout ${TEST_S:-150} python3 -m pytest -q -m gpu -p no:cacheprovider -n 8 tests/test_gpu_int.py tests/test_gpu_fp.py \
     > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?" >> "$OUT/env.txt"
-timeout ${TUNE_S:-60} python3 -m omniq tune --device cuda --schemes gptq,int8,fp8 --m 1,16,64,512,2048 \
+[ "${TUNE_S:-60}" -gt 0 ] && timeout ${TUNE_S:-60} python3 -m omniq tune --device cuda --schemes gptq,int8,fp8 --m 1,16,64,512,2048 \
     --output "$OUT/nvidia-h200.json" > "$OUT/tune.log" 2>&1
 echo "tune rc=$?" >> "$OUT/env.txt"

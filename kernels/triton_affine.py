@@ -66,6 +66,7 @@ class AffinePrepared:
     zc: int = 0
     act_int8: bool = False  # the scheme quantizes activations to int8 per token (W4A8)
     name: str | None = None
+    zero_max: int = 0       # the largest integer zero point (zmode 1), known at prepare time
 
     @property
     def n_groups(self) -> int:
@@ -118,7 +119,7 @@ def prepare_affine(qw, device) -> AffinePrepared:
                     raise KernelError(f"{where(qw.name)}g_idx holds groups outside [0, {ng})")
 
     # zero points: integers when offsets are -z*s (GPTQ, AWQ), else float offsets
-    zmode, zc, zeros = 0, off, None
+    zmode, zc, zeros, zero_max = 0, off, None, 0
     if view.offsets is not None:
         o = view.offsets.float().reshape(n, ng)
         safe = torch.where(scales != 0, scales, torch.ones_like(scales))
@@ -130,6 +131,7 @@ def prepare_affine(qw, device) -> AffinePrepared:
                 zc = int(zr.flatten()[0])
             else:
                 zmode, zeros = 1, zr.to(torch.uint8).t().contiguous()
+                zero_max = int(zr.max())
         else:
             zmode, zeros = 2, _narrowest_exact((o - off * scales).t().contiguous())
 
@@ -141,7 +143,7 @@ def prepare_affine(qw, device) -> AffinePrepared:
         zeros=None if zeros is None else zeros.to(dev),
         perm=None if perm is None else perm.to(torch.int32).to(dev),
         g_idx=None if g_idx is None else g_idx.to(torch.int32).to(dev),
-        n=n, k=k, bits=bits, group_size=g, zmode=zmode, zc=zc,
+        n=n, k=k, bits=bits, group_size=g, zmode=zmode, zc=zc, zero_max=zero_max,
         act_int8=bool(getattr(qw.scheme, "activation_quantized", False)), name=qw.name)
 
 

@@ -1,0 +1,341 @@
+"""4-bit grouped weight-only GEMV for small M on NVIDIA tensor cores (CUDA C++, NVRTC).
+
+Reads the "triton.affine.v1" layout as it is (no second copy): word r of each 16-word K block
+holds k = 16*i + r in nibble slot i. One warp owns 16 output rows and a K range; per 128-wide
+block each lane loads 16 bytes of two rows (words 4t..4t+3 of rows g and g+8, g = lane / 4,
+t = lane % 4), turns nibble pairs (slot j, slot j+4) into bf16x2 / f16x2 registers with one
+`lop3` each (u | 0x4300 reads as 128 + u; a packed fma takes off 128 + z exactly), and feeds
+them straight into `mma.sync.m16n8k16` as the A fragment. The product's reduction index is a
+permutation of k: the B fragment (x) is built with the same permutation from 8-byte loads of x
+and two byte-permutes per register pair, so no shared memory and no layout shuffles are needed.
+Group scales (group size a multiple of 128, or one group) multiply the fp32 block sums, so the
+dot is exact in fp32. A tile of 8 x rows per MMA: M <= 8 takes one, M <= 16 two.
+
+Split-K across CTAs fills the 132 SMs when N is small: each CTA parks its fp32 partial in a
+workspace and the last to arrive (an atomic counter per tile) sums the splits in order.
+"""
+from __future__ import annotations
+
+import torch
+
+from omniq.errors import KernelError, where
+from omniq.kernels.nvrtc import NvrtcKernel
+
+SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+struct __align__(16) U4 { u32 x, y, z, w; };
+struct __align__(8) U2 { u32 x, y; };
+
+__device__ __forceinline__ float h2f(u16 h) {
+#if BF16
+    return __uint_as_float(((u32)h) << 16);
+#else
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+#endif
+}
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+#if BF16
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+    return h;
+}
+__device__ __forceinline__ float scale_at(const void* s, long i) {
+#if SCALE_T == 0
+    u16 h = ((const u16*)s)[i]; float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+#elif SCALE_T == 1
+    return __uint_as_float(((u32)((const u16*)s)[i]) << 16);
+#else
+    return ((const float*)s)[i];
+#endif
+}
+// -(MAGIC + z) twice, as packed half bits (exact: z <= 127 for bf16, any uint8 for fp16)
+__device__ __forceinline__ u32 neg_magic(int z) {
+#if BF16
+    u32 b = __float_as_uint(-(128.0f + (float)z)) >> 16;
+#else
+    u16 hb; float f = -(1024.0f + (float)z);
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hb) : "f"(f));
+    u32 b = hb;
+#endif
+    return b | (b << 16);
+}
+// nibbles 0 and 16 of w -> packed (u0 - z, u4 - z) with no int->float conversion
+__device__ __forceinline__ u32 dq(u32 w, u32 neg) {
+    u32 v, r;
+#if BF16
+    asm("lop3.b32 %0, %1, 0x000f000f, 0x43004300, 0xea;" : "=r"(v) : "r"(w));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(v), "r"(0x3F803F80u), "r"(neg));
+#else
+    asm("lop3.b32 %0, %1, 0x000f000f, 0x64006400, 0xea;" : "=r"(v) : "r"(w));
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(v), "r"(0x3C003C00u), "r"(neg));
+#endif
+    return r;
+}
+__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if BF16
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+struct Block {
+    U4 wa, wb;          // words 4t..4t+3 of rows g and g+8
+    U2 xv[MT][8];       // x[m][blk*128 + 16 s + 4t .. +3] for m = 8 mt + g, slot s
+    float sa, sb;       // the block's group scales of rows g and g+8
+    int za, zb;         // and their zero points
+};
+
+// everything one 128-wide K block needs, issued together so the loads overlap the previous
+// block's math (scales and zero points included: waiting on them per block halved the speed)
+__device__ __forceinline__ void load_block(Block& B, const U4* wa, const U4* wb, const u16* x,
+                                           const void* scales, const unsigned char* zeros, int b,
+                                           int M, int N, int K, int G, int NG, int sx, int zc,
+                                           int ra, int rb, int g, int t) {
+    B.wa = wa[b * 4];
+    B.wb = wb[b * 4];
+    const long gi = (long)min((b * 128) / G, NG - 1) * N;
+    B.sa = scale_at(scales, gi + ra);
+    B.sb = scale_at(scales, gi + rb);
+#if ZMODE == 1
+    B.za = zeros[gi + ra];
+    B.zb = zeros[gi + rb];
+#else
+    B.za = zc; B.zb = zc;
+#endif
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        const int m = mt * 8 + g;
+#pragma unroll
+        for (int s = 0; s < 8; ++s) {
+            const int k = b * 128 + 16 * s + 4 * t;
+            if (m < M && k < K) {
+                B.xv[mt][s] = *(const U2*)(x + (long)m * sx + k);
+            } else {
+                B.xv[mt][s].x = 0u; B.xv[mt][s].y = 0u;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) affine_mma_gemv(
+        const u16* __restrict__ x, const U4* __restrict__ qw, const void* __restrict__ scales,
+        const unsigned char* __restrict__ zeros, const u16* __restrict__ bias, u16* __restrict__ y,
+        float* __restrict__ ws, int* __restrict__ cnt,
+        int M, int N, int K, int KW, int G, int NG, int sx, int zc, int bps, int S) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int n0 = (blockIdx.x * 4 + warp) * 16;
+    const int nblk = KW / 16;
+    const int b0 = blockIdx.y * bps;
+    const int b1 = min(b0 + bps, nblk);
+    const int ra = min(n0 + g, N - 1), rb = min(n0 + g + 8, N - 1);
+    const U4* wa = qw + (long)ra * (KW / 4) + t;
+    const U4* wb = qw + (long)rb * (KW / 4) + t;
+
+    float acc[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) { acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f; }
+
+    // blocks in flight: cur (being multiplied), then PF more already requested
+    Block cur, n1;
+#if PF == 2
+    Block n2;
+#endif
+#define LOAD(B, bb) load_block(B, wa, wb, x, scales, zeros, bb, M, N, K, G, NG, sx, zc, ra, rb, g, t)
+    if (b0 < b1) LOAD(cur, b0);
+#if PF == 2
+    if (b0 + 1 < b1) LOAD(n1, b0 + 1);
+#endif
+    for (int b = b0; b < b1; ++b) {
+#if PF == 2
+        if (b + 2 < b1) LOAD(n2, b + 2);
+#else
+        if (b + 1 < b1) LOAD(n1, b + 1);
+#endif
+        const u32 na = neg_magic(cur.za), nb = neg_magic(cur.zb);
+        const float sa = cur.sa, sb = cur.sb;
+        float c[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) { c[mt][0] = c[mt][1] = c[mt][2] = c[mt][3] = 0.f; }
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            const u32 a_ra = q ? cur.wa.z : cur.wa.x, a_rb = q ? cur.wa.w : cur.wa.y;
+            const u32 b_ra = q ? cur.wb.z : cur.wb.x, b_rb = q ? cur.wb.w : cur.wb.y;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const u32 A0 = dq(a_ra >> (4 * j), na), A1 = dq(b_ra >> (4 * j), nb);
+                const u32 A2 = dq(a_rb >> (4 * j), na), A3 = dq(b_rb >> (4 * j), nb);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const u32 lo = q ? cur.xv[mt][j].y : cur.xv[mt][j].x;
+                    const u32 hi = q ? cur.xv[mt][j + 4].y : cur.xv[mt][j + 4].x;
+                    mma(c[mt], A0, A1, A2, A3, __byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632));
+                }
+            }
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            acc[mt][0] += sa * c[mt][0]; acc[mt][1] += sa * c[mt][1];
+            acc[mt][2] += sb * c[mt][2]; acc[mt][3] += sb * c[mt][3];
+        }
+        cur = n1;
+#if PF == 2
+        n1 = n2;
+#endif
+    }
+
+    // acc[mt][i]: row n0 + g (+8 for i >= 2), column m = 8 mt + 2t (+1 for odd i)
+    if (S == 1) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int n = n0 + g + (i >> 1) * 8, m = mt * 8 + 2 * t + (i & 1);
+                if (n < N && m < M) {
+                    float v = acc[mt][i];
+#if HAS_BIAS
+                    v += h2f(bias[n]);
+#endif
+                    y[(long)m * N + n] = f2h(v);
+                }
+            }
+        return;
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int n = n0 + g + (i >> 1) * 8, m = mt * 8 + 2 * t + (i & 1);
+            if (n < N && m < M) ws[((long)blockIdx.y * M + m) * N + n] = acc[mt][i];
+        }
+    __threadfence();
+    __syncthreads();
+    __shared__ int last;
+    if (threadIdx.x == 0) last = (atomicAdd(cnt + blockIdx.x, 1) == S - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int n = n0 + g + (i >> 1) * 8, m = mt * 8 + 2 * t + (i & 1);
+            if (n < N && m < M) {
+                float v = 0.f;
+                for (int s = 0; s < S; ++s) v += __ldcg(ws + ((long)s * M + m) * N + n);
+#if HAS_BIAS
+                v += h2f(bias[n]);
+#endif
+                y[(long)m * N + n] = f2h(v);
+            }
+        }
+    if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
+}
+"""
+
+SIGNATURE = "p" * 8 + "i" * 10
+MAX_M = 16
+ROWS_PER_CTA = 64
+TARGET_CTAS = 4 * 132   # enough resident 4-warp CTAs to keep every SM's loads in flight
+
+_VARIANTS: dict = {}
+
+
+def _scale_code(dtype: torch.dtype) -> int:
+    return {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[dtype]
+
+
+PREFETCH = 2   # K blocks requested ahead of the one being multiplied (1 or 2)
+
+
+def variant(bf16: bool, mt: int, zmode: int, scale_dtype: torch.dtype, has_bias: bool,
+            pf: int | None = None) -> NvrtcKernel:
+    pf = PREFETCH if pf is None else pf
+    key = (bf16, mt, zmode, scale_dtype, has_bias, pf)
+    k = _VARIANTS.get(key)
+    if k is None:
+        k = NvrtcKernel(SOURCE, "affine_mma_gemv", SIGNATURE,
+                        defines={"BF16": bf16, "MT": mt, "ZMODE": zmode, "SCALE_T": _scale_code(scale_dtype),
+                                 "HAS_BIAS": has_bias, "PF": pf})
+        _VARIANTS[key] = k
+    return k
+
+
+def launch_config(m: int, n: int, kw: int, target_ctas: int = TARGET_CTAS) -> tuple[int, int, int, int]:
+    """(row tiles, splits, blocks per split, m tiles) for an M x N problem over kw words per row."""
+    tiles = -(-n // ROWS_PER_CTA)
+    nblk = kw // 16
+    want = max(1, min(nblk, -(-target_ctas // tiles)))
+    bps = -(-nblk // want)
+    splits = -(-nblk // bps)
+    return tiles, splits, bps, (1 if m <= 8 else 2)
+
+
+def unsupported(p) -> str | None:
+    """Why this prepared weight cannot run here (the layout holds forms this kernel skips)."""
+    if p.bits != 4:
+        return f"{p.bits}-bit codes: this kernel decodes 4-bit nibbles only"
+    if p.g_idx is not None:
+        return "an irregular g_idx (per-element groups) needs triton.affine kernels"
+    if p.zmode == 2:
+        return "float zero offsets need triton.affine kernels (integer zero points only here)"
+    if p.act_int8:
+        return "int8 activations (W4A8) run on triton.affine.splitk / .gemm"
+    if p.n_groups > 1 and p.group_size % 128:
+        return f"group size {p.group_size}: needs a multiple of 128 (one scale per 128-wide K block)"
+    if p.zmode == 1 and p.zero_max > 127:
+        return f"zero points up to {p.zero_max}: above 127 they do not fit the bf16 exponent trick"
+    return None
+
+
+def run(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
+    """y[M, N] = x @ W^T (+ bias) for M <= 16, x bf16 / fp16 [M, K]."""
+    why = getattr(p, "_mma_unsupported", False)
+    if why is False:
+        why = unsupported(p)
+        p._mma_unsupported = why
+    if why:
+        raise KernelError(f"{where(p.name)}cuda.affine.mma_gemv: {why}")
+    m, k = x.shape
+    if m > MAX_M:
+        raise KernelError(f"{where(p.name)}cuda.affine.mma_gemv: M={m} > {MAX_M}")
+    if p.perm is not None:
+        x = x.index_select(1, p.perm)
+    if k % 4:  # 8-byte x loads: rows padded to 4 elements (the padding meets zero codes)
+        x = torch.nn.functional.pad(x, (0, 4 - k % 4))
+    x = x.contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()
+    n, kw = p.n, p.qweight.shape[1]
+    tiles, splits, bps, mt = launch_config(m, n, kw, TARGET_CTAS)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    ws = cnt = None
+    if splits > 1:
+        from omniq.kernels.triton_affine import tile_counters
+        ws = torch.empty(splits * m * n, dtype=torch.float32, device=x.device)
+        cnt = tile_counters(x.device, tiles)
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    kern = variant(x.dtype == torch.bfloat16, mt, p.zmode, p.scales.dtype, bias is not None)
+    g = p.group_size if p.n_groups > 1 else 1 << 30
+    kern(x.device, (tiles, splits), (128,),
+         [x, p.qweight, p.scales, p.zeros, bias, y, ws, cnt,
+          m, n, k, kw, g, p.n_groups, x.stride(0), p.zc, bps, splits])
+    return y
+
+
+def all_variants() -> list[NvrtcKernel]:
+    """Every specialisation (compile checks)."""
+    return [variant(bf, mt, zm, sd, hb, pf) for bf in (True, False) for mt in (1, 2) for zm in (0, 1)
+            for sd in (torch.float16, torch.bfloat16, torch.float32) for hb in (False, True) for pf in (1, 2)]

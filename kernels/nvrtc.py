@@ -1,0 +1,117 @@
+"""CUDA C++ kernels compiled at run time with NVRTC, launched through the driver API.
+
+omniq ships CUDA kernels as source: on a CUDA machine the first call compiles them for the
+device at hand (NVRTC, which the CUDA build of PyTorch carries, about half a second per kernel
+variant) and caches the module per (source, device). No toolkit, no C++ extension build, no
+wheel per CUDA version. The kernels take raw pointers, so each one is a plain
+`extern "C" __global__` function and the Python side states its argument types once.
+
+    kern = NvrtcKernel(SOURCE, "my_kernel", "ppii", defines={"BF16": 1})
+    kern(device, grid, block, [x, y, 3, 4])          # p: tensor (or None), i: int32, f: float32
+
+A launch costs a few microseconds of Python (ctypes); inside a CUDA graph it costs nothing.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import threading
+
+import torch
+
+_LOCK = threading.Lock()
+
+
+def _driver():
+    """libcuda through torch's helpers (the name moved between torch releases)."""
+    from torch.cuda import _utils
+    get = getattr(_utils, "_get_gpu_runtime_library", None) or getattr(_utils, "_get_cuda_library")
+    return get()
+
+
+def nvrtc_reason(device: torch.device) -> str | None:
+    """Why NVRTC kernels cannot run on `device`, or None when they can."""
+    if device.type != "cuda":
+        return f"needs a CUDA device, not {device.type}"
+    if not torch.cuda.is_available():
+        return "torch has no CUDA runtime here"
+    if torch.version.hip is not None:
+        return "ROCm: omniq's NVRTC kernels are written for NVIDIA GPUs"
+    try:
+        from torch.cuda import _utils
+        (getattr(_utils, "_get_gpu_rtc_library", None) or getattr(_utils, "_get_nvrtc_library"))()
+        _utils._nvrtc_compile  # noqa: B018 - present in torch >= 2.8
+        _utils._cuda_load_module  # noqa: B018
+    except Exception as e:  # noqa: BLE001 - any failure means: no runtime compilation here
+        return f"NVRTC is not usable through torch here ({type(e).__name__}: {e})"
+    return None
+
+
+_CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int32, "f": ctypes.c_float}
+
+
+class NvrtcKernel:
+    """One `extern "C" __global__` function of a CUDA source, compiled lazily per device.
+
+    `signature` has one letter per kernel argument: p (pointer: a tensor or None), i (int32),
+    f (float32). `defines` become `#define NAME VALUE` lines before the source, so one source
+    serves several specialisations (one compiled module each)."""
+
+    def __init__(self, source: str, name: str, signature: str, defines: dict | None = None):
+        bad = set(signature) - set(_CTYPES)
+        if bad:
+            raise ValueError(f"NvrtcKernel {name}: unknown argument kinds {sorted(bad)} (use p, i, f)")
+        head = "".join(f"#define {k} {int(v) if isinstance(v, bool) else v}\n"
+                       for k, v in sorted((defines or {}).items()))
+        self.source = head + source
+        self.name = name
+        self.signature = signature
+        self._funcs: dict[int, ctypes.c_void_p] = {}
+        self._keep: list = []
+        self.key = hashlib.sha1(self.source.encode()).hexdigest()[:12]
+
+    def _function(self, device: torch.device):
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        fn = self._funcs.get(idx)
+        if fn is not None:
+            return fn
+        with _LOCK:
+            fn = self._funcs.get(idx)
+            if fn is None:
+                from torch.cuda import _utils
+                with torch.cuda.device(idx):
+                    major, minor = torch.cuda.get_device_capability(idx)
+                    try:
+                        binary, lowered = _utils._nvrtc_compile(
+                            self.source, self.name, f"{major}{minor}",
+                            nvcc_options=["-std=c++17"])
+                    except RuntimeError as e:
+                        raise RuntimeError(f"omniq: NVRTC could not compile {self.name} "
+                                           f"(variant {self.key}) for sm_{major}{minor}:\n{e}") from None
+                    mod = _utils._cuda_load_module(binary, [lowered])
+                    kern = mod[lowered] if isinstance(mod, dict) else getattr(mod, lowered)
+                self._keep.append(kern)  # keeps the module loaded
+                fn = kern.func
+                self._funcs[idx] = fn
+        return fn
+
+    def __call__(self, device: torch.device, grid, block, args, shared_mem: int = 0) -> None:
+        if len(args) != len(self.signature):
+            raise TypeError(f"{self.name} takes {len(self.signature)} arguments ({self.signature}), "
+                            f"got {len(args)}")
+        fn = self._function(device)
+        holders = []
+        for kind, a in zip(self.signature, args):
+            if kind == "p":
+                holders.append(ctypes.c_void_p(0 if a is None else a.data_ptr()))
+            else:
+                holders.append(_CTYPES[kind](a))
+        arr = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
+        stream = torch.cuda.current_stream(device)
+        lib = _driver()
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        b = tuple(block) + (1,) * (3 - len(block))
+        res = lib.cuLaunchKernel(fn, g[0], g[1], g[2], b[0], b[1], b[2], shared_mem,
+                                 ctypes.c_void_p(stream.cuda_stream), arr, None)
+        if res != 0:
+            raise RuntimeError(f"omniq: cuLaunchKernel({self.name}) failed with CUDA error {res}")
