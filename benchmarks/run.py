@@ -3,35 +3,54 @@
 the dense matmul of the same shape in the same run, with its error and the dispatcher's pick.
 
     python benchmarks/run.py                        # default grid (slow on a CPU: hours)
-    python benchmarks/run.py --quick                # small shapes, a few M: minutes on a CPU
+    python benchmarks/run.py --quick                # small preset: minutes on a CPU
     python benchmarks/run.py --schemes int8,gptq:bits=4:group_size=128 --shapes 3072x12288 --m 1,16
-    python benchmarks/run.py --json out.json --plot plots/ --graph --peers --overhead
+    python benchmarks/run.py --json out.json --md out.md --plot plots/ --graph --peers --chosen-only
     python benchmarks/run.py --device cuda --max-seconds 50 --json out.json   # stops starting work at 50 s
+    python benchmarks/run.py --from-json out.json --md out.md --plot plots/   # re-render, measure nothing
 
 Per (scheme, N x K, M) and per kernel valid there (`omniq.dispatch.candidates` over every
-layout): the median time (CUDA events, or CUDA-graph replay with --graph, on GPUs;
-perf_counter on CPUs), the speedup over the dense baseline, the max error relative to the
-largest |output| of `scheme.matmul` (on the first --err-rows rows), and which kernel
-`omniq.linear` would run. The baseline is `F.linear` on a bf16 weight (cuBLAS on CUDA); on
-a CPU both bf16 and fp32 are timed and the faster one is the baseline (the `base` column).
+layout; only the one `omniq.linear` picks with --chosen-only): the median time, the speedup
+over the dense baseline, the max error relative to the largest |output| of `scheme.matmul` (on
+the first --err-rows rows), and which kernel `omniq.linear` would run. The baseline is
+`F.linear` on a bf16 weight (cuBLAS on CUDA); on a CPU both bf16 and fp32 are timed and the
+faster one is the baseline (the `base` column).
+
+Timing. CPU: perf_counter around each call, caches flushed before it. GPU: CUDA events around
+each call, L2 flushed before it; with --graph, the method of the reference numbers
+(performance.md): one CUDA graph holds `inner` rounds of calls over C copies of the weight
+(C = ceil(3 x L2 / bytes of one copy), at most 8; inner x C <= 64 calls, aiming at >= 500 us
+of work per replay), and the time per call is a replay's time over inner x C, median over
+replays. The copies keep every read weight out of L2 without a flush, and one replay carries
+one graph launch for many calls instead of one per call. Copies: bf16 weights for the baseline,
+clones of the prepared layout for omniq's kernels, separate builds for the peers; each group's
+copies are freed after it. A call whose capture fails is timed eagerly (the row's `timing` says so).
 
 --peers adds, in the same process and shapes, what users run instead of omniq: torch's
 built-ins (int4 tinygemm, `_scaled_mm`, `_int_mm`, int8 weight-only), gemlite when it is
 importable (CUDA), fbgemm's dynamic int8 linear (CPU) and a plain dequantize-then-matmul.
 --overhead measures what omniq.linear costs above the kernel it calls, choice cached.
 
+--md writes a markdown report: per method of the issue, omniq's chosen kernel against bf16 and
+the best peer of the same method per (shape, M), and a summary of the lowest speedup in each M
+bucket (1-16, 32-64, >= 512) against the issue's target. --from-json re-renders the tables,
+--md and --plot from a --json file (results fetched from a GPU machine, say).
+
 Rows are printed as they are measured and --json is rewritten after each (scheme, shape) group,
 so a run cut short (--max-seconds S, or a `timeout` kill) keeps what it measured; the JSON's
 meta says `complete` and, when cut, `cut_short`. gemlite peers run with their autotuning off
 (one default config, or the shipped H100 cache on sm_90) unless --gemlite-autotune.
 
-Results carry the device name, the date and the git commit. Scheme specs are
+Results carry the device name, the date, the git commit and the timing method. Scheme specs are
 `name[:param=value[:param=value]]` with the same parameters as omniq.get_scheme.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import datetime
+import enum
 import json
 import math
 import os
@@ -42,6 +61,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -169,12 +189,137 @@ class OutOfTime(Exception):
     """--max-seconds has passed: no new measurement is started."""
 
 
-class Timer:
-    """Median time of a call: perf_counter on CPUs, CUDA events on GPUs (graph replay with graph=True).
+# Rotating-copies graph timing (GPU, --graph): one graph holds `inner` rounds over C copies of
+# the weight, so that each call reads a weight that is not in L2 (as a layer's weight is cold in
+# a forward pass) and one replay amortizes the graph launch over many calls.
+MAX_COPIES = 8              # C = ceil(3 * L2 / bytes of one copy), at most this, at least 1
+GRAPH_TARGET_US = 500.0     # one replay should be at least this much GPU work ...
+GRAPH_MAX_CALLS = 64        # ... but a capture holds at most this many calls (inner * C)
 
-    Warm-up calls come first (untimed: they compile and autotune); the warm call sizes the
-    repetitions to `budget_s`; a warm call slower than `slow_s` is timed once (n = 1) rather
-    than repeated. `max_seconds` (from construction) makes `check()` raise OutOfTime.
+
+def copies_for(nbytes: int, l2_bytes: int, cap: int = MAX_COPIES) -> int:
+    """How many copies of a weight of `nbytes` make their rotation overflow an L2 of `l2_bytes` 3x."""
+    return max(1, min(cap, math.ceil(3 * l2_bytes / max(int(nbytes), 1))))
+
+
+def choose_inner(round_us: float, copies: int, target_us: float = GRAPH_TARGET_US,
+                 max_calls: int = GRAPH_MAX_CALLS) -> int:
+    """Rounds over the copies per graph: enough for `target_us` of work, at most max_calls calls."""
+    cap = max(1, max_calls // max(copies, 1))
+    need = math.ceil(target_us / max(round_us, 1e-3))
+    return max(1, min(cap, need))
+
+
+def _is_leaf(obj) -> bool:
+    """Values clone_prepared shares as they are (nothing inside them is a tensor we should copy)."""
+    return (obj is None or isinstance(obj, (str, bytes, int, float, complex, bool, torch.dtype, torch.device,
+                                            type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
+                                            types.MethodType, enum.Enum, range, slice))
+            or callable(obj) and not hasattr(obj, "__dict__") and not dataclasses.is_dataclass(obj))
+
+
+def _fields(obj) -> dict:
+    """The attributes of a dataclass / plain object, including dataclass slots."""
+    out = dict(vars(obj)) if hasattr(obj, "__dict__") else {}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            if f.name not in out and hasattr(obj, f.name):
+                out[f.name] = getattr(obj, f.name)
+    return out
+
+
+def _clone(obj, memo: dict, depth: int):
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:  # one tensor held twice stays one tensor in the copy
+            c = obj.detach().clone()
+            if isinstance(obj, torch.nn.Parameter):
+                c = torch.nn.Parameter(c, requires_grad=obj.requires_grad)
+            memo[id(obj)] = c
+        return memo[id(obj)]
+    if depth <= 0 or _is_leaf(obj):
+        return obj
+    if id(obj) in memo:
+        return memo[id(obj)]
+    memo[id(obj)] = obj  # a cycle back to obj shares it rather than recursing forever
+    if isinstance(obj, (list, tuple)):
+        items = [_clone(v, memo, depth - 1) for v in obj]
+        if all(a is b for a, b in zip(items, obj)):
+            out = obj
+        elif isinstance(obj, list):
+            out = type(obj)(items) if type(obj) is not list else items
+        elif hasattr(obj, "_fields"):  # a namedtuple
+            out = type(obj)(*items)
+        else:
+            out = type(obj)(items)
+    elif isinstance(obj, dict):
+        items = {k: _clone(v, memo, depth - 1) for k, v in obj.items()}
+        if all(items[k] is obj[k] for k in obj):
+            out = obj
+        else:
+            out = copy.copy(obj)
+            out.update(items)
+    else:
+        attrs = _fields(obj)
+        new = {k: _clone(v, memo, depth - 1) for k, v in attrs.items()}
+        changed = {k: v for k, v in new.items() if v is not attrs[k]}
+        if not changed:
+            out = obj
+        else:
+            out = copy.copy(obj)
+            for k, v in changed.items():
+                object.__setattr__(out, k, v)  # frozen dataclasses too
+    memo[id(obj)] = out
+    return out
+
+
+def clone_prepared(obj, max_depth: int = 8):
+    """A copy of a prepared layout object in which every torch.Tensor reachable through dataclass
+    fields, __dict__, tuples, lists and dicts is a fresh `.clone()`; other values (ints, schemes,
+    dtypes, functions) are shared, and an object holding no tensor is returned as it is. Cloning
+    is how --graph makes the rotating copies of a kernel's weight: faster than re-preparing."""
+    return _clone(obj, {}, max_depth)
+
+
+def prepared_tensors(obj, max_depth: int = 8) -> list:
+    """The distinct tensors clone_prepared would copy (reached the same way)."""
+    seen: dict[int, torch.Tensor] = {}
+    visited: set[int] = set()
+
+    def walk(o, depth):
+        if isinstance(o, torch.Tensor):
+            seen.setdefault(id(o), o)
+            return
+        if depth <= 0 or _is_leaf(o) or id(o) in visited:
+            return
+        visited.add(id(o))
+        if isinstance(o, (list, tuple)):
+            vals = o
+        elif isinstance(o, dict):
+            vals = o.values()
+        else:
+            vals = _fields(o).values()
+        for v in vals:
+            walk(v, depth - 1)
+
+    walk(obj, max_depth)
+    return list(seen.values())
+
+
+def prepared_nbytes(obj) -> int:
+    """Bytes of the tensors in a prepared object (what one rotating copy adds)."""
+    return sum(t.numel() * t.element_size() for t in prepared_tensors(obj))
+
+
+class Timer:
+    """Median time of a call: perf_counter on CPUs, CUDA events on GPUs, and with graph=True on a
+    GPU the rotating-copies graph method (see `_graph_time`).
+
+    A call is given as one callable or as a list of callables: the same op on different copies of
+    its weight. Only the graph method uses the copies; the others time the first one, evicting
+    the caches before each call. Warm-up calls come first (untimed: they compile and autotune);
+    the warm call sizes the repetitions to `budget_s`; a warm call slower than `slow_s` is timed
+    once (n = 1) rather than repeated. `max_seconds` (from construction) makes `check()` raise
+    OutOfTime.
     """
 
     def __init__(self, device, budget_s: float, max_reps: int, graph: bool, slow_s: float, flush: bool = True,
@@ -182,17 +327,21 @@ class Timer:
         self.device, self.budget_s, self.max_reps = device, budget_s, max_reps
         self.graph, self.slow_s = graph, slow_s
         self.deadline = None if max_seconds is None else time.perf_counter() + max_seconds
+        self.rotating = bool(graph and device.type == "cuda")
+        self.l2_bytes = 0
+        if device.type == "cuda":
+            self.l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (50 << 20)
         # A layer's weight is read once per forward pass, cold: evict the caches before each timed
         # call, untimed. CPU: twice the last-level cache. GPU: twice the L2 (H200: 2 x 60 MB); the
         # old fixed 256 MB memset cost several times a small kernel per repetition for nothing.
+        # Allocated on first use: the graph method needs none (its copies keep the weights cold)
+        # unless a capture fails and a call falls back to eager timing.
+        self.flush_enabled = flush
         self.flush_buf = None
-        if flush:
-            if device.type == "cuda":
-                l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (128 << 20)
-                nbytes = max(2 * l2, 32 << 20)
-            else:
-                nbytes = max(2 * llc_bytes(), 64 << 20)
-            self.flush_buf = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+
+    def copies(self, nbytes: int) -> int:
+        """Copies of a weight of `nbytes` to rotate over: 1 unless timing graphs on a GPU."""
+        return copies_for(nbytes, self.l2_bytes) if self.rotating else 1
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.perf_counter() > self.deadline
@@ -202,8 +351,15 @@ class Timer:
             raise OutOfTime
 
     def flush(self) -> None:
-        if self.flush_buf is not None:
-            self.flush_buf.fill_(1.0)
+        if not self.flush_enabled:
+            return
+        if self.flush_buf is None:
+            if self.device.type == "cuda":
+                nbytes = max(2 * self.l2_bytes, 32 << 20)
+            else:
+                nbytes = max(2 * llc_bytes(), 64 << 20)
+            self.flush_buf = torch.empty(nbytes // 4, dtype=torch.float32, device=self.device)
+        self.flush_buf.fill_(1.0)
 
     def _once(self, fn) -> float:
         sync(self.device)
@@ -212,50 +368,10 @@ class Timer:
         sync(self.device)
         return time.perf_counter() - t0
 
-    def __call__(self, fn) -> dict:
-        dev = self.device
-        # The first call compiles Triton kernels (and gemlite autotunes): seconds that used to size
-        # the repetitions (down to 3) or, past --slow, became the reported time. Only the second,
-        # warm call is used to decide.
-        self._once(fn)
-        warm = self._once(fn)
-        if warm > self.slow_s:
-            return {"us": warm * 1e6, "us_min": warm * 1e6, "n": 1, "how": "one call (slow)"}
-        reps = max(3, min(self.max_reps, int(self.budget_s / max(warm, 1e-7))))
+    def _samples(self, run_batch, reps: int) -> list[float]:
         # Samples come in batches; once a batch leaves the median within 1% of the previous
         # batch's, more repetitions would not change the answer, so timing stops before the budget.
         batch = min(reps, 10)
-        if dev.type == "cuda":
-            call, how = fn, "cuda events"
-            if self.graph:
-                # captured once per (kernel, M) and replayed; each replay sits between two events
-                g = _capture(fn, dev)
-                if g is not None:
-                    call, how = g.replay, "cuda graph replay"
-                else:
-                    how = "cuda events (graph capture failed)"
-
-            def run_batch(n):
-                # events recorded for the whole batch, one synchronize at its end (not one per rep)
-                ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-                for s, e in ev:
-                    self.flush()
-                    s.record()
-                    call()
-                    e.record()
-                ev[-1][1].synchronize()
-                return [s.elapsed_time(e) * 1e3 for s, e in ev]
-        else:
-            how = "perf_counter"
-
-            def run_batch(n):
-                out = []
-                for _ in range(n):
-                    self.flush()
-                    t0 = time.perf_counter()
-                    fn()
-                    out.append((time.perf_counter() - t0) * 1e6)
-                return out
         samples: list[float] = []
         prev = None
         while len(samples) < reps:
@@ -264,27 +380,125 @@ class Timer:
             if prev is not None and abs(med - prev) <= 0.01 * prev:
                 break
             prev = med
-        if self.flush_buf is not None:
+        return samples
+
+    def __call__(self, fn) -> dict:
+        fns = list(fn) if isinstance(fn, (list, tuple)) else [fn]
+        if not fns:
+            raise ValueError("Timer: no callable to time")
+        first = fns[0]
+        dev = self.device
+        # The first call compiles Triton kernels (and gemlite autotunes): seconds that used to size
+        # the repetitions (down to 3) or, past --slow, became the reported time. Only the second,
+        # warm call is used to decide.
+        self._once(first)
+        warm = self._once(first)
+        if warm > self.slow_s:
+            return {"us": warm * 1e6, "us_min": warm * 1e6, "n": 1, "how": "one call (slow)"}
+        note = ""
+        if self.rotating:
+            res = self._graph_time(fns)
+            if res is not None:
+                return res
+            note = " (graph capture failed)"
+        reps = max(3, min(self.max_reps, int(self.budget_s / max(warm, 1e-7))))
+        if dev.type == "cuda":
+            how = "cuda events" + note
+
+            def run_batch(n):
+                # events recorded for the whole batch, one synchronize at its end (not one per rep)
+                ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+                for s, e in ev:
+                    self.flush()
+                    s.record()
+                    first()
+                    e.record()
+                ev[-1][1].synchronize()
+                return [s.elapsed_time(e) * 1e3 for s, e in ev]
+        else:
+            how = "perf_counter" + note
+
+            def run_batch(n):
+                out = []
+                for _ in range(n):
+                    self.flush()
+                    t0 = time.perf_counter()
+                    first()
+                    out.append((time.perf_counter() - t0) * 1e6)
+                return out
+        samples = self._samples(run_batch, reps)
+        if self.flush_enabled:
             how += ", caches flushed"
         return {"us": statistics.median(samples), "us_min": min(samples), "n": len(samples), "how": how}
 
+    def _graph_time(self, fns) -> dict | None:
+        """The method of performance.md: one CUDA graph of `inner` rounds over the C copies, each
+        replay between two events, time per call = replay time / (inner * C), median (and min)
+        over replays. No flush: the rotation keeps each copy out of L2 by the time it is read
+        again. None when a capture fails (the caller then times eagerly)."""
+        dev = self.device
+        c = len(fns)
+        g1 = _capture(fns, dev, rounds=1)
+        if g1 is None:
+            return None
+        # one round, replayed a few times, sizes `inner` (an eager call's wall time would count
+        # its launch latency, which is what this method keeps out)
+        round_us = min(_replay_us(g1, 3))
+        inner = choose_inner(round_us, c)
+        g = g1
+        if inner > 1:
+            g = g1 = None  # free the one-round graph before capturing the longer one
+            g = _capture(fns, dev, rounds=inner)
+            if g is None:  # memory for the bigger graph, say: keep one round per replay
+                inner = 1
+                g = _capture(fns, dev, rounds=1)
+                if g is None:
+                    return None
+        calls = inner * c
+        replay_s = round_us * inner * 1e-6
+        reps = max(5, min(self.max_reps, int(self.budget_s / max(replay_s, 1e-7))))
+        samples = self._samples(lambda n: [t / calls for t in _replay_us(g, n)], reps)
+        del g
+        how = f"cuda graph, {c} rotating cop{'y' if c == 1 else 'ies'}, inner {inner}"
+        return {"us": statistics.median(samples), "us_min": min(samples), "n": len(samples), "how": how,
+                "copies": c, "inner": inner}
 
-def _capture(fn, device):
-    """A CUDA graph of fn (warmed up on a side stream first, as capture requires), or None."""
+
+def _replay_us(g, n: int) -> list[float]:
+    """n replays of graph g, each between two events; microseconds per replay."""
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for s, e in ev:
+        s.record()
+        g.replay()
+        e.record()
+    ev[-1][1].synchronize()
+    return [s.elapsed_time(e) * 1e3 for s, e in ev]
+
+
+def _capture(fns, device, rounds: int = 1):
+    """A CUDA graph of `rounds` passes over the callables fns (each warmed up on a side stream
+    first, as capture requires), or None when capture fails."""
     try:
         s = torch.cuda.Stream(device)
         s.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(s):
-            fn()  # the timer already warmed fn up; one call on the capture stream is enough
+            for f in fns:  # a copy's first call may set up per-object state (workspaces, caches)
+                f()
         torch.cuda.current_stream(device).wait_stream(s)
+        sync(device)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            fn()
+            for _ in range(rounds):
+                for f in fns:
+                    f()
         g.replay()
         sync(device)
         return g
     except Exception:  # a kernel that allocates or syncs during capture: time it eagerly
-        sync(device)
+        try:
+            sync(device)
+        except Exception:
+            pass
         return None
 
 
@@ -299,14 +513,16 @@ def max_rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 # ---- the dense baseline -----------------------------------------------------------------------
 def dense_baseline(w: torch.Tensor, xs: dict, timer: Timer, device) -> dict:
-    """{M: {...}} with bf16 F.linear, and on CPUs fp32 too; `base` names the faster one there."""
+    """{M: {...}} with bf16 F.linear, and on CPUs fp32 too; `base` names the faster one there.
+    With --graph on a GPU, F.linear rotates over C copies of the bf16 weight (freed on return)."""
     wb = w.to(torch.bfloat16)
+    wbs = [wb] + [wb.clone() for _ in range(timer.copies(wb.numel() * wb.element_size()) - 1)]
     wf = w.float() if device.type == "cpu" else None
     out = {}
     for m, x in xs.items():
         xb = x.to(torch.bfloat16)
-        t = timer(lambda: F.linear(xb, wb))
-        row = {"bf16_us": t["us"], "bf16_us_min": t["us_min"]}
+        t = timer([lambda w_=w_: F.linear(xb, w_) for w_ in wbs])
+        row = {"bf16_us": t["us"], "bf16_us_min": t["us_min"], "timing": t["how"]}
         base = "bf16"
         if wf is not None:
             xf = x.float()
@@ -317,7 +533,16 @@ def dense_baseline(w: torch.Tensor, xs: dict, timer: Timer, device) -> dict:
         row["base"] = base
         row["base_us"] = row[f"{base}_us"]
         out[m] = row
+    del wbs, wb
+    free_memory(device)
     return out
+
+
+def free_memory(device) -> None:
+    """Give freed copies back (bounded memory over the grid): graph pools and cached blocks."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.empty_cache()
 
 
 # ---- omniq's kernels --------------------------------------------------------------------------
@@ -333,11 +558,40 @@ def bench_scheme(label, scheme, w, xs, base, args, timer, device, dtype, progres
         p = omniq.prepare(qw, device, dtype)
     except Exception as e:
         for m in xs:
-            emit({"scheme": label, "n": n, "k": k, "m": m, "kernel": None, "error": f"{type(e).__name__}: {e}"})
+            emit({"scheme": label, "scheme_key": scheme.key, "n": n, "k": k, "m": m, "kernel": None,
+                  "error": f"{type(e).__name__}: {e}"})
             progress.step(f"{label} {n}x{k} M={m}: {e}")
         return
     layouts = {p.layout: p.data}
+    copies: dict[str, list] = {}  # layout name -> its rotating copies (--graph on a GPU)
+    notes: dict[str, str] = {}
     broken: dict[str, str] = {}
+    try:
+        _bench_ms(label, scheme, qw, p, xs, base, args, timer, device, dtype, progress, emit, layouts, copies,
+                  notes, broken)
+    finally:
+        layouts.clear()
+        copies.clear()
+        del p, qw
+        free_memory(device)
+
+
+def _rotating_copies(prep, timer, copies, notes, lname):
+    """[prep, clone, ...] sized by timer.copies(bytes of prep); one list per layout, reused over M."""
+    if lname not in copies:
+        c = timer.copies(prepared_nbytes(prep)) if prepared_tensors(prep) else 1
+        out = [prep]
+        try:
+            out += [clone_prepared(prep) for _ in range(c - 1)]
+        except Exception as e:  # time the one copy (its weight may then sit in L2: say so)
+            notes[lname] = f"; clone failed ({type(e).__name__}: {e}), 1 copy"[:160]
+        copies[lname] = out
+    return copies[lname]
+
+
+def _bench_ms(label, scheme, qw, p, xs, base, args, timer, device, dtype, progress, emit, layouts, copies, notes,
+              broken):
+    n, k = qw.shape
     for m, x in xs.items():
         timer.check()
         r = min(m, args.err_rows)
@@ -347,9 +601,16 @@ def bench_scheme(label, scheme, w, xs, base, args, timer, device, dtype, progres
             chosen = p.kernel_for(m, dtype).name
         except Exception as e:
             chosen = None
-            emit({"scheme": label, "n": n, "k": k, "m": m, "kernel": None, "error": f"dispatch: {e}"})
+            emit({"scheme": label, "scheme_key": scheme.key, "n": n, "k": k, "m": m, "kernel": None,
+                  "error": f"dispatch: {e}"})
         problem = Problem(scheme, n, k, m, dtype, device)
-        for kern in candidates(problem):
+        kerns = candidates(problem)
+        if args.chosen_only:
+            kerns = [kern for kern in kerns if kern.name == chosen]
+            if chosen is not None and not kerns:
+                emit({"scheme": label, "scheme_key": scheme.key, "n": n, "k": k, "m": m, "kernel": chosen,
+                      "chosen": True, "error": "--chosen-only: the chosen kernel is not among the candidates"})
+        for kern in kerns:
             if args.kernels and not re.search(args.kernels, kern.name):
                 continue
             timer.check()
@@ -379,7 +640,9 @@ def bench_scheme(label, scheme, w, xs, base, args, timer, device, dtype, progres
                     y_err = kern.run(xr, prep, None)
                 row["err"] = max_rel_err(y_err, ref)
                 del y_err
-                t = timer(lambda: kern.run(x, prep, None))
+                preps = _rotating_copies(prep, timer, copies, notes, lname)
+                t = timer([lambda q=q: kern.run(x, q, None) for q in preps])
+                t["how"] += notes.get(lname, "")
             except Exception as e:
                 emit({**row, "error": f"{type(e).__name__}: {e}"[:300]})
                 continue
@@ -562,21 +825,34 @@ def _add_gemlite(add, w, device, int4_parts, g, autotune=False):
 
 
 def bench_peers(w, xs, base, timer, progress, emit, gemlite_autotune=False) -> None:
-    """Time every peer on one weight; each row goes to emit() when measured (OutOfTime as above)."""
+    """Time every peer on one weight; each row goes to emit() when measured (OutOfTime as above).
+    With --graph on a GPU the peers are built C times (C sized by the smallest, 4-bit, weight) and
+    each is timed rotating over its copies; every copy is freed on return."""
+    try:
+        _bench_peers(w, xs, base, timer, progress, emit, gemlite_autotune)
+    finally:
+        free_memory(w.device)  # the builds died with _bench_peers' frame
+
+
+def _bench_peers(w, xs, base, timer, progress, emit, gemlite_autotune):
     n, k = w.shape
     timer.check()
-    peers = build_peers(w, w.device, gemlite_autotune)
+    builds = [build_peers(w, w.device, gemlite_autotune)]
+    for _ in range(timer.copies(n * k // 2) - 1):
+        builds.append(build_peers(w, w.device, gemlite_autotune))
     for m, x in xs.items():
         xb = x.to(torch.bfloat16)
-        for name, (method, fn) in peers.items():
+        for name, (method, fn) in builds[0].items():
             row = {"peer": name, "method": method, "n": n, "k": k, "m": m, "base": base[m]["base"],
                    "base_us": base[m]["base_us"]}
             if isinstance(fn, str):
                 emit({**row, "error": fn})
                 continue
+            # a later build that failed (out of memory, say) leaves fewer copies, not an error
+            fns = [b[name][1] for b in builds if name in b and callable(b[name][1])]
             timer.check()
             try:
-                t = timer(lambda: fn(xb))
+                t = timer([lambda f=f: f(xb) for f in fns])
                 emit({**row, "us": t["us"], "us_min": t["us_min"], "reps": t["n"], "timing": t["how"],
                       "speedup": base[m]["base_us"] / t["us"]})
             except Exception as e:
@@ -692,11 +968,17 @@ KERNEL_HDR = (f"{'scheme':<42} {'N x K':>12} {'M':>5} {'base':>4} {'base us':>11
 PEER_HDR = f"{'peer':<46} {'method':<20} {'N x K':>12} {'M':>5} {'us':>11} {'speedup':>8}"
 
 
+def timing_desc(meta) -> str:
+    """How the rows were timed, in words (older JSON files carry only cache_flush)."""
+    if meta.get("timing"):
+        return meta["timing"]
+    return f"median, caches {'flushed' if meta.get('cache_flush') else 'warm'} before each call"
+
+
 def meta_lines(meta) -> list[str]:
     return [f"# omniq benchmark  {meta['date']}  commit {meta['commit']}",
             f"# device: {meta['device_name']} ({meta['device']}), torch {meta['torch']}, act dtype {meta['dtype']}",
-            f"# baseline: {meta['baseline']}; timing: median, caches {'flushed' if meta['cache_flush'] else 'warm'} "
-            f"before each call, {meta['threads']} threads",
+            f"# baseline: {meta['baseline']}; timing: {timing_desc(meta)}, {meta.get('threads', '?')} threads",
             f"# err: max |y - scheme.matmul| / max |scheme.matmul| over the first {meta['err_rows']} rows; "
             f"* = the kernel omniq.linear picks"]
 
@@ -802,13 +1084,17 @@ class Report:
                      "-" * len(PEER_HDR))
         self.say(peer_line(r))
 
+    def data(self) -> dict:
+        """Everything measured, as --json writes it (and --md / --from-json read it)."""
+        return {"meta": self.meta, "baselines": self.baselines, "results": self.results, "peers": self.peers,
+                "overhead": self.overhead,
+                "overhead_breakdown": [{"step": a, "us": b} for a, b in self.breakdown]}
+
     def save(self) -> None:
         """Rewrite the JSON file atomically (a reader or a kill never sees half a file)."""
         if not self.json_path:
             return
-        data = {"meta": self.meta, "baselines": self.baselines, "results": self.results, "peers": self.peers,
-                "overhead": self.overhead,
-                "overhead_breakdown": [{"step": a, "us": b} for a, b in self.breakdown]}
+        data = self.data()
         path = Path(self.json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -816,7 +1102,249 @@ class Report:
         os.replace(tmp, path)
 
 
-def write_plots(results, plot_dir: str) -> str:
+# ---- the markdown report (--md) ------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A method of the issue (#6) with its speedup targets over bf16 cuBLAS per M bucket."""
+    title: str
+    schemes: tuple[str, ...]          # scheme names (scheme.name)
+    params: dict                      # parameters the scheme key must hold (as printed in it)
+    targets: tuple[float, float, float]
+    peer_methods: tuple[str, ...]     # build_peers' `method` strings of the same method
+
+
+# (label, lowest M, highest M or None)
+M_BUCKETS = (("1-16", 1, 16), ("32-64", 32, 64), (">=512", 512, None))
+METHODS = (
+    Method("int4 W4A16 g128", ("gptq", "awq"), {"bits": "4", "group_size": "128"}, (3.0, 2.0, 0.9),
+           ("int4 W4A16 g128",)),
+    Method("fp8 W8A8 dynamic per-token", ("fp8",), {"weight_granularity": "channel", "activation": "dynamic_token"},
+           (1.8, 1.7, 1.65), ("fp8 W8A8 dynamic",)),
+    Method("int8 W8A8 dynamic per-token", ("int8",), {"activation": "dynamic_token"}, (1.8, 1.7, 1.6),
+           ("int8 W8A8 dynamic",)),
+    Method("mxfp4 weight-only", ("mxfp4",), {"activation": "None"}, (2.8, 1.8, 0.9), ("mxfp4 W4A16",)),
+    Method("nvfp4 weight-only", ("nvfp4",), {"activation": "None"}, (2.8, 1.8, 0.9), ()),
+    Method("mxfp8 W8A8", ("mxfp8",), {"activation": "mxfp8"}, (1.6, 1.5, 1.5), ()),
+    Method("GGUF q4_k", ("gguf",), {"type": "q4_k"}, (2.5, 1.5, 0.85), ()),
+    Method("GGUF q8_0", ("gguf",), {"type": "q8_0"}, (1.6, 1.3, 0.85), ()),
+)
+METHOD_BY_NAME = {m.title: m for m in METHODS}
+OTHER = "other schemes (no target in the issue)"
+
+
+def parse_scheme_key(key: str | None):
+    """'gptq(bits=4,group_size=128,...)' -> ('gptq', {'bits': '4', ...}); None when it is not one."""
+    mt = re.fullmatch(r"\s*([\w.-]+)\s*(?:\((.*)\))?\s*", key or "")
+    if not mt:
+        return None
+    params = {}
+    for part in (mt.group(2) or "").split(","):
+        if "=" in part:
+            a, b = part.split("=", 1)
+            params[a.strip()] = b.strip()
+    return mt.group(1), params
+
+
+def method_of(label: str, key: str | None = None) -> str:
+    """The issue's method a scheme row belongs to (by its scheme key), or OTHER."""
+    if not key:
+        try:
+            key = parse_scheme(label)[1].key
+        except (Exception, SystemExit):  # a JSON from another commit: its label may not parse here
+            key = label.split(":")[0]
+    parsed = parse_scheme_key(key)
+    if parsed is None:
+        return OTHER
+    name, params = parsed
+    for m in METHODS:
+        if name in m.schemes and all(params.get(a) == b for a, b in m.params.items()):
+            return m.title
+    return OTHER
+
+
+def _in_bucket(m: int, lo: int, hi: int | None) -> bool:
+    return m >= lo and (hi is None or m <= hi)
+
+
+def _speed(v) -> str:
+    return "-" if v is None else _fmt_x(v)
+
+
+def _base_cell(row) -> str:
+    """The baseline's time; its dtype in brackets where it is not bf16 (the faster fp32 on a CPU)."""
+    if not row or row.get("base_us") is None:
+        return "-"
+    base = row.get("base", "bf16")
+    return _fmt_us(row["base_us"]) + ("" if base == "bf16" else f" ({base})")
+
+
+def _md_table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
+    return out
+
+
+def render_md(data: dict) -> str:
+    """The report of one run (the dict --json writes): per method, omniq's chosen kernel against bf16
+    and the best peer of the same method per (shape, M); a summary against the issue's targets per
+    M bucket; all peers side by side; the dispatch overhead when measured."""
+    meta = data.get("meta", {})
+    results = data.get("results", [])
+    peers = data.get("peers", [])
+    base_rows = {(b["n"], b["k"], b["m"]): b for b in data.get("baselines", [])}
+    ok_peers = [q for q in peers if not q.get("error") and q.get("speedup")]
+
+    labels: list[str] = []
+    keys: dict[str, str | None] = {}
+    for r in results:
+        if r["scheme"] not in labels:
+            labels.append(r["scheme"])
+        keys[r["scheme"]] = keys.get(r["scheme"]) or r.get("scheme_key")
+    by_method: dict[str, list[str]] = {}
+    for lab in labels:
+        by_method.setdefault(method_of(lab, keys.get(lab)), []).append(lab)
+
+    def chosen_row(lab, n, k, m):
+        hit = [r for r in results if r["scheme"] == lab and (r["n"], r["k"], r["m"]) == (n, k, m) and r.get("chosen")]
+        good = [r for r in hit if not r.get("error")]
+        return (good or hit or [None])[0]
+
+    def fastest_row(lab, n, k, m):
+        rows = [r for r in results if r["scheme"] == lab and (r["n"], r["k"], r["m"]) == (n, k, m)
+                and not r.get("error") and r.get("us")]
+        return min(rows, key=lambda r: r["us"]) if rows else None
+
+    def peer_rows(method, n, k, m):
+        pm = METHOD_BY_NAME.get(method)
+        if pm is None:
+            return []
+        return [q for q in ok_peers if q.get("method") in pm.peer_methods and (q["n"], q["k"], q["m"]) == (n, k, m)]
+
+    def cells(lab):
+        seen = []
+        for r in results:
+            if r["scheme"] == lab and (r["n"], r["k"], r["m"]) not in seen:
+                seen.append((r["n"], r["k"], r["m"]))
+        return seen
+
+    complete = "complete" if meta.get("complete") else f"cut short ({meta.get('cut_short', 'unfinished')})"
+    out = ["# omniq: chosen kernels against bf16 and peers", "",
+           f"- date {meta.get('date', '?')}, commit `{meta.get('commit', '?')}`, {complete}",
+           f"- device: {meta.get('device_name', '?')} ({meta.get('device', '?')}), torch {meta.get('torch', '?')}, "
+           f"activations {meta.get('dtype', '?')}",
+           f"- baseline: {meta.get('baseline', '?')}",
+           f"- timing: {timing_desc(meta)}",
+           "- speedup = baseline time / time, same process and shapes; the omniq kernel is the one "
+           "`omniq.linear` picks for that M", ""]
+
+    # summary against the targets
+    summary = []
+    for method in METHODS:
+        for lab in by_method.get(method.title, []):
+            cs = cells(lab)
+            for (bname, lo, hi), target in zip(M_BUCKETS, method.targets):
+                mine = [c for c in cs if _in_bucket(c[2], lo, hi)]
+                sp = []
+                for c in mine:
+                    r = chosen_row(lab, *c)
+                    if r is not None and not r.get("error") and r.get("speedup"):
+                        sp.append(r["speedup"])
+                low = min(sp) if sp else None
+                best = None
+                for name in sorted({q["peer"] for c in mine for q in peer_rows(method.title, *c)}):
+                    v = [q["speedup"] for c in mine for q in peer_rows(method.title, *c) if q["peer"] == name]
+                    if v and (best is None or min(v) > best[1]):
+                        best = (name, min(v))
+                if low is None:
+                    status = "not measured"
+                elif low >= target:
+                    status = "met" if len(sp) == len(mine) else f"met on {len(sp)}/{len(mine)} measured"
+                else:
+                    status = "**not met**"
+                summary.append([method.title, f"`{lab}`", bname, _speed(low), f"{target:.2f}x", status,
+                                f"{len(sp)}/{len(mine)}", "-" if best is None else f"{best[0]} {_fmt_x(best[1])}"])
+    if summary:
+        out += ["## Against the issue's targets", "",
+                "Lowest speedup of the chosen kernel over the shapes and M of each bucket (M 1-16, 32-64, "
+                ">= 512); the best peer is the peer of the same method whose lowest speedup there is highest.", ""]
+        out += _md_table(["method", "scheme", "M", "omniq min", "target", "status", "cells", "best peer (min)"],
+                         summary)
+        out.append("")
+
+    # per method: rows (N x K, M)
+    order = [m.title for m in METHODS] + [OTHER]
+    any_other = any(r.get("chosen") is False and not r.get("error") for r in results)
+    for title in order:
+        for lab in by_method.get(title, []):
+            out += [f"## {title}: `{lab}`", ""]
+            hdr = ["N x K", "M", "bf16 µs", "omniq kernel (chosen)", "µs", "speedup", "best peer", "peer speedup"]
+            if any_other:
+                hdr.append("fastest timed (if not chosen)")
+            rows = []
+            for n, k, m in cells(lab):
+                r = chosen_row(lab, n, k, m)
+                bcell = _base_cell(base_rows.get((n, k, m)) or r)
+                if r is None:
+                    kcell, us, sp = "(none chosen)", "-", "-"
+                elif r.get("error"):
+                    kcell, us, sp = f"{r.get('kernel') or '-'}: error: {r['error'][:80]}", "-", "-"
+                else:
+                    kcell, us, sp = f"`{r['kernel']}`", _fmt_us(r["us"]), _fmt_x(r["speedup"])
+                ps = peer_rows(title, n, k, m)
+                bp = max(ps, key=lambda q: q["speedup"]) if ps else None
+                row = [f"{n} x {k}", m, bcell, kcell, us, sp, bp["peer"] if bp else "-",
+                       _fmt_x(bp["speedup"]) if bp else "-"]
+                if any_other:
+                    f = fastest_row(lab, n, k, m)
+                    row.append("-" if f is None or (r is not None and f["kernel"] == r.get("kernel"))
+                               else f"`{f['kernel']}` {_fmt_x(f['speedup'])}")
+                rows.append(row)
+            out += _md_table(hdr, rows) + [""]
+
+    # every peer side by side (the layout of performance.md)
+    if peers:
+        names = []
+        for q in peers:
+            if q["peer"] not in names:
+                names.append(q["peer"])
+        shapes_m = []
+        for q in peers:
+            if (q["n"], q["k"], q["m"]) not in shapes_m:
+                shapes_m.append((q["n"], q["k"], q["m"]))
+        rows = []
+        for n, k, m in shapes_m:
+            hit0 = [q for q in peers if (q["n"], q["k"], q["m"]) == (n, k, m)]
+            row = [f"{n} x {k}", m, _base_cell(base_rows.get((n, k, m)) or hit0[0])]
+            for name in names:
+                hit = [q for q in peers if q["peer"] == name and (q["n"], q["k"], q["m"]) == (n, k, m)]
+                row.append(_fmt_x(hit[0]["speedup"]) if hit and not hit[0].get("error") and hit[0].get("speedup")
+                           else "n/a" if hit else "-")
+            rows.append(row)
+        methods = {q["peer"]: q.get("method", "") for q in peers}
+        out += ["## Peers", "", "Speedup over the same baseline; n/a: the peer could not be built or run here "
+                "(the JSON has the reason); -: not measured.", ""]
+        out += _md_table(["N x K", "M", "bf16 µs"] + [f"{nm} ({methods[nm]})" for nm in names], rows) + [""]
+
+    if data.get("overhead"):
+        rows = [[o["scheme"], f"`{o['kernel']}`", str(tuple(o["x_shape"])), f"{o['kernel_us']:.2f}",
+                 f"{o['linear_us']:.2f}", f"{o['overhead_us']:.2f}", f"{o['overhead_qw_us']:.2f}"]
+                for o in data["overhead"]]
+        out += ["## Dispatch overhead", "", f"omniq.linear minus the kernel it calls, µs per call (target <= "
+                f"{OVERHEAD_TARGET_US:.0f} µs).", ""]
+        out += _md_table(["scheme", "kernel", "x", "kernel µs", "linear µs", "overhead", "via qw"], rows) + [""]
+    return "\n".join(out)
+
+
+def write_md(data: dict, path: str) -> str:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(render_md(data))
+    return f"--md: wrote {p}"
+
+
+def write_plots(results, plot_dir: str, peers=()) -> str:
+    """A PNG per (scheme, shape): speedup vs M of each timed kernel, omniq.linear's pick, and the
+    peers of the same method (dotted)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -841,6 +1369,12 @@ def write_plots(results, plot_dir: str) -> str:
         if chosen:
             ax.plot([a for a, _ in chosen], [b for _, b in chosen], "k--", lw=2.5, alpha=0.5,
                     label="omniq.linear's pick")
+        pm = METHOD_BY_NAME.get(method_of(scheme, rows[0].get("scheme_key")))
+        for peer in sorted({q["peer"] for q in peers if pm and q.get("method") in pm.peer_methods}):
+            pts = sorted((q["m"], q["speedup"]) for q in peers if q["peer"] == peer and (q["n"], q["k"]) == (n, k)
+                         and not q.get("error") and q.get("speedup"))
+            if pts:
+                ax.plot([a for a, _ in pts], [b for _, b in pts], ":", marker=".", label=f"peer: {peer}")
         ax.axhline(1.0, color="grey", lw=1)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("M (tokens)")
@@ -873,19 +1407,30 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best present)")
     ap.add_argument("--dtype", default="bfloat16", help="activation dtype (bfloat16, float16, float32)")
     ap.add_argument("--kernels", default=None, help="regex: time only kernels whose name matches")
-    ap.add_argument("--graph", action="store_true", help="CUDA: time CUDA-graph replays")
+    ap.add_argument("--graph", action="store_true",
+                    help="CUDA: time graph replays of many calls rotating over copies of the weight "
+                         "(the method of performance.md; no cache flush)")
+    ap.add_argument("--chosen-only", action="store_true",
+                    help="time only the kernel omniq.linear picks for each M (plus the baseline and peers)")
     ap.add_argument("--peers", action="store_true", help="also time torch built-ins, gemlite, dequant+mm")
     ap.add_argument("--no-kernels", action="store_true", help="skip omniq's kernels (with --peers/--overhead)")
     ap.add_argument("--overhead", action="store_true", help="measure omniq.linear's cost above its kernel")
     ap.add_argument("--overhead-iters", type=int, default=5000)
     ap.add_argument("--json", help="write all results to this JSON file")
     ap.add_argument("--plot", help="write PNG plots of speedup vs M to this directory")
+    ap.add_argument("--md", help="write a markdown report (per method: chosen kernel vs bf16 and the best "
+                                 "peer; the issue's targets per M bucket) to this file")
+    ap.add_argument("--from-json", metavar="PATH",
+                    help="measure nothing: print the tables of a --json file and render --md / --plot from it")
     ap.add_argument("--budget", type=float, default=None, help="seconds of timing per measurement "
                                                                "(default 0.5 on CPUs, 0.2 on GPUs)")
-    ap.add_argument("--reps", type=int, default=100, help="at most this many timed calls per measurement")
+    ap.add_argument("--reps", type=int, default=100,
+                    help="at most this many timed calls (graph replays with --graph) per measurement")
     ap.add_argument("--slow", type=float, default=3.0, help="a call slower than this (s) is timed once")
     ap.add_argument("--no-flush", action="store_true", help="do not evict caches between timed calls "
-                                                             "(weights then stay cache-resident: optimistic)")
+                                                             "(weights then stay cache-resident: optimistic; "
+                                                             "--graph on CUDA never flushes: its copies keep "
+                                                             "weights cold)")
     ap.add_argument("--err-rows", type=int, default=64, help="rows of x the error is measured on")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--seed", type=int, default=0)
@@ -895,6 +1440,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gemlite-autotune", action="store_true",
                     help="let gemlite autotune on first call (--peers; slow: off by default)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        return render_saved(args)
 
     device = torch.device(args.device) if args.device else default_device()
     dtype = getattr(torch, args.dtype, None)
@@ -914,6 +1461,15 @@ def main(argv=None) -> int:
     budget = args.budget if args.budget is not None else (0.5 if device.type == "cpu" else 0.2)
     timer = Timer(device, budget, args.reps, args.graph, args.slow, flush=not args.no_flush,
                   max_seconds=args.max_seconds)
+    rotating = bool(args.graph and device.type == "cuda")
+    if rotating:
+        timing = (f"CUDA graph replay: a graph holds `inner` rounds of calls over C copies of the weight "
+                  f"(C = ceil(3 x L2 / bytes of one copy), 1..{MAX_COPIES}; inner * C <= {GRAPH_MAX_CALLS}, "
+                  f"aiming at >= {GRAPH_TARGET_US:.0f} us per replay), time per call = replay / (inner * C), "
+                  f"median over replays, no cache flush (eager CUDA events with a flush where a capture fails)")
+    else:
+        clock = "CUDA events around each call" if device.type == "cuda" else "perf_counter around each call"
+        timing = f"{clock}, median, caches {'warm' if args.no_flush else 'flushed'} before each call"
     base_desc = ("bf16 F.linear (cuBLAS)" if device.type == "cuda" else
                  "the faster of bf16 and fp32 F.linear per (shape, M); column 'base' says which")
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
@@ -921,7 +1477,8 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "omniq": omniq.__version__, "python": platform.python_version(),
             "dtype": args.dtype, "baseline": base_desc, "err_rows": args.err_rows, "budget_s": budget,
             "graph": bool(args.graph and device.type == "cuda"), "argv": sys.argv[1:] if argv is None else argv,
-            "threads": torch.get_num_threads(), "cache_flush": not args.no_flush,
+            "threads": torch.get_num_threads(), "cache_flush": not args.no_flush and not rotating,
+            "timing": timing, "chosen_only": bool(args.chosen_only),
             "max_seconds": args.max_seconds, "complete": False}
 
     steps = 0 if args.no_kernels else len(schemes) * len(shapes) * len(ms)
@@ -981,8 +1538,26 @@ def main(argv=None) -> int:
     report.save()
     if args.json:
         print(f"\nwrote {args.json}", file=sys.stderr)
+    if args.md:
+        print(write_md(report.data(), args.md), file=sys.stderr)
     if args.plot:
-        print(write_plots(report.results, args.plot), file=sys.stderr)
+        print(write_plots(report.results, args.plot, report.peers), file=sys.stderr)
+    return 0
+
+
+def render_saved(args) -> int:
+    """--from-json: the tables, --md and --plot of results measured earlier (on a GPU machine, say)."""
+    try:
+        data = json.loads(Path(args.from_json).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"run.py: cannot read --from-json {args.from_json}: {e}")
+    if not isinstance(data, dict) or "meta" not in data:
+        raise SystemExit(f"run.py: {args.from_json} is not a run.py --json file (no 'meta')")
+    print_tables(data["meta"], data.get("results", []), data.get("peers", []), data.get("overhead", []))
+    if args.md:
+        print(write_md(data, args.md), file=sys.stderr)
+    if args.plot:
+        print(write_plots(data.get("results", []), args.plot, data.get("peers", [])), file=sys.stderr)
     return 0
 
 

@@ -54,6 +54,20 @@ def scheme_params(extra: list[str]) -> dict:
     return params
 
 
+def scheme_from_spec(spec: str, extra_params: dict):
+    """`gptq:bits=4:group_size=128` (benchmarks/run.py's spelling) -> the scheme; `extra_params`
+    (from --flags) apply to every scheme of the list."""
+    from omniq import get_scheme
+    name, *pairs = spec.split(":")
+    params = dict(extra_params)
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"omniq: scheme spec {spec!r}: {pair!r} is not param=value")
+        key, val = pair.split("=", 1)
+        params[key] = _value(val)
+    return get_scheme(name, **params)
+
+
 def _dtype(name: str) -> torch.dtype:
     dt = getattr(torch, name, None)
     if not isinstance(dt, torch.dtype):
@@ -141,13 +155,13 @@ def cmd_doctor(args, extra) -> int:
 
 
 def cmd_tune(args, extra) -> int:
-    from omniq import get_scheme
     from omniq.dispatch import tuning
     from omniq.dispatch.kernel import Problem
     from omniq.dispatch.registry import all_kernels
     from omniq.dispatch.select import rejection, trial
     device = torch.device(args.device)
-    schemes = [get_scheme(s, **scheme_params(extra)) for s in args.schemes.split(",")]
+    common = scheme_params(extra)
+    schemes = [scheme_from_spec(s, common) for s in args.schemes.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else TUNE_SHAPES
     ms = [int(m) for m in args.m.split(",")] if args.m else TUNE_M
     dtype = _dtype(args.dtype)
@@ -218,7 +232,8 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_doctor)
     p = sub.add_parser("tune", help="measure candidates over the shape grid and write the tuning table")
     p.add_argument("--device", default=str(default_device()))
-    p.add_argument("--schemes", default="gptq,int8,fp8")
+    p.add_argument("--schemes", default="gptq,int8,fp8",
+                   help="comma-separated specs, e.g. gptq:bits=4:group_size=128,mxfp4:activation=None")
     p.add_argument("--shapes", default=None, help="e.g. 8192x8192,3072x12288 (N x K)")
     p.add_argument("--m", default=None, help="e.g. 1,16,512")
     p.add_argument("--dtype", default="bfloat16")

@@ -18,7 +18,8 @@ def test_run_py_prints_tables_and_writes_json(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--schemes", ",".join(SCHEMES),
            "--shapes", "64x256", "--m", "1,3", "--budget", "0.01", "--reps", "3", "--no-flush",
            "--kernels", r"^(cpu\.|reference$)", "--peers", "--overhead", "--overhead-iters", "200",
-           "--json", str(out), "--plot", str(tmp_path / "plots"), "--no-progress", "--threads", "1"]
+           "--json", str(out), "--plot", str(tmp_path / "plots"), "--md", str(tmp_path / "bench.md"),
+           "--no-progress", "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -41,6 +42,14 @@ def test_run_py_prints_tables_and_writes_json(tmp_path):
     assert {r["m"] for r in data["baselines"]} == {1, 3}
     assert any(not p.get("error") for p in data["peers"])
     assert all(o["kernel_us"] > 0 for o in data["overhead"])
+    # the markdown report: the targets, a table per scheme (int8 has one, gptq g64 is
+    # not the g128), the peers and the overhead
+    md = (tmp_path / "bench.md").read_text()
+    for heading in ("## Against the issue's targets", "## int8 W8A8 dynamic per-token: `int8`",
+                    "## mxfp4 weight-only: `mxfp4:activation=None`", "`gptq:bits=4:group_size=64`", "## Peers",
+                    "## Dispatch overhead"):
+        assert heading in md, (heading, md[:2000])
+    assert meta["timing"] and all(r["timing"] for r in timed)
     # no matplotlib here: the run says so instead of failing; with it, PNGs appear
     plots = list((tmp_path / "plots").glob("*.png"))
     assert plots or "matplotlib is not installed" in proc.stderr
