@@ -266,7 +266,7 @@ DEQUANT_CASES = [("fp8", dict(weight_granularity="block", activation="block")), 
 @st.composite
 def dequant_cases(draw):
     name, params = draw(st.sampled_from(DEQUANT_CASES))
-    return omniq.get_scheme(name, **params), 2 * draw(st.integers(1, 16)), 256 * draw(st.integers(1, 2))
+    return omniq.get_scheme(name, **params), 8 * draw(st.integers(1, 4)), 256 * draw(st.integers(1, 2))
 
 
 def _check_dequant(kernel, data):
