@@ -1,0 +1,164 @@
+"""cuda.w8a8.gemv on a CUDA GPU: speed against bf16 cuBLAS and triton.w8a8.splitk, a config
+sweep (feeds TUNED in kernels/cuda_w8a8_gemv.py) and an accuracy check of the fp8 variants.
+
+    python benchmarks/probe_w8a8_gemv.py                 # table: 3 shapes x M in (1, 4, 8, 16), < 60 s
+    python benchmarks/probe_w8a8_gemv.py --sweep         # kernel-only configs per (scheme, shape, M tiles)
+    python benchmarks/probe_w8a8_gemv.py --check         # every variant vs an fp64 reference (fp32 out)
+
+Times are medians of CUDA-graph replays over rotating weight copies (more bytes than L2), as
+in probe_int.py. 'gemv' is the whole omniq.linear call with the kernel pinned (activation
+quantizer fused into the GEMV by default); 'unfused' is the Triton quantizer then the GEMV; 'kernel'
+is the GEMV alone on an already quantized activation.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from probe_int import bench, copies_for  # noqa: E402
+
+SHAPES = [(8192, 8192), (12288, 3072), (3072, 12288)]
+DEV = torch.device("cuda")
+
+
+def _setup(name, n, k, copies=None):
+    import omniq
+    sch = omniq.get_scheme(name)
+    qw = sch.quantize(torch.randn(n, k) * 0.02, name=f"probe.{name}")
+    reps = copies or copies_for(n * k)
+    return sch, qw, reps
+
+
+def table(ms, names):
+    import omniq
+    from omniq.kernels import cuda_w8a8_gemv as G
+    from omniq.kernels import triton_w8a8 as W
+    print(f"{'scheme':6} {'N x K':>12} {'M':>3} {'bf16':>8} {'gemv':>8} {'unfused':>8} {'kernel':>8} {'splitk':>8} "
+          f"{'x bf16':>7} {'x splitk':>8}")
+    for n, k in SHAPES:
+        wbs = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02
+               for _ in range(copies_for(n * k * 2))]
+        for name in names:
+            sch, qw, reps = _setup(name, n, k)
+            gp = [omniq.prepare(qw, DEV, torch.bfloat16, kernel="cuda.w8a8.gemv") for _ in range(reps)]
+            sp = [omniq.prepare(qw, DEV, torch.bfloat16, kernel="triton.w8a8.splitk") for _ in range(reps)]
+            for m in ms:
+                x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+                bf = bench([lambda w=w: torch.nn.functional.linear(x, w) for w in wbs])
+                ref = sch.matmul(x.cpu(), qw).float()
+                y = omniq.linear(x, gp[0]).float().cpu()
+                err = float((y - ref).norm() / ref.norm().clamp(min=1e-30))
+                full = bench([lambda p=p: omniq.linear(x, p) for p in gp])
+                cfg = dict(G.config_for(m, n, k, name == "fp8"), FUSED=0)
+                unf = bench([lambda p=p: G.run_gemv(x, p.data, None, cfg=cfg) for p in gp])
+                xq = W.quantize_prepared_activation(x, gp[0].data)
+                kern = bench([lambda p=p: G.run_gemv(x, p.data, None, xq=xq) for p in gp])
+                spl = bench([lambda p=p: omniq.linear(x, p) for p in sp])
+                flag = "" if err < 1e-2 else f"  WRONG rel err {err:.3g}"
+                print(f"{name:6} {n:>5}x{k:<6} {m:>3} {bf:8.2f} {full:8.2f} {unf:8.2f} {kern:8.2f} {spl:8.2f} "
+                      f"{bf / full:7.2f} {spl / full:8.2f}{flag}", flush=True)
+            del gp, sp
+        del wbs
+        torch.cuda.empty_cache()
+
+
+SWEEP = [dict(WN=wn, WK=wk, UNROLL=u, ctas_per_sm=c, FUSED=f, PREFETCH=pf)
+         for wn, wk, u, c, f, pf in [(1, 4, 2, 4, 1, 2048), (1, 4, 2, 4, 0, 0), (1, 4, 2, 4, 1, 0), (1, 4, 2, 4, 1, 8192),
+                                     (1, 8, 2, 4, 1, 2048), (1, 4, 1, 8, 1, 2048), (2, 4, 1, 2, 1, 2048),
+                                     (1, 8, 1, 4, 1, 2048), (1, 4, 2, 3, 1, 2048), (2, 2, 2, 4, 1, 2048)]]
+
+
+def sweep(names, modes, budget):
+    from omniq.kernels import cuda_w8a8_gemv as G
+    from omniq.kernels import triton_w8a8 as W
+    t0 = time.time()
+    best = {}
+    for n, k in SHAPES:
+        for name in names:
+            sch, qw, reps = _setup(name, n, k)
+            ps = [W.prepare_w8a8(qw, DEV) for _ in range(reps)]
+            for m in (1, 16):
+                x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+                ref = sch.matmul(x.cpu(), qw).float()
+                for mode in (modes if name == "fp8" else (0,)):
+                    for c in SWEEP:
+                        if time.time() - t0 > budget:
+                            print("budget spent")
+                            return best
+                        cfg = dict(G.DEFAULT, **c, FP8_MODE=mode)
+                        try:
+                            y = G.run_gemv(x, ps[0], None, cfg=cfg).float().cpu()
+                            err = float((y - ref).norm() / ref.norm().clamp(min=1e-30))
+                            us = bench([lambda p=p: G.run_gemv(x, p, None, cfg=cfg) for p in ps])
+                        except Exception as e:  # report, go on
+                            print(f"{name} {n}x{k} M={m} {c} mode={mode}: {type(e).__name__}: {str(e)[:300]}")
+                            continue
+                        lc = G.launch_config(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count, cfg)
+                        gbs = n * k / us / 1e3
+                        print(f"{name} {n:>5}x{k:<6} M={m:<2} mode={mode} {c} grid={lc['grid']}: {us:7.2f} us "
+                              f"{gbs:6.0f} GB/s err {err:.2e}", flush=True)
+                        key = (name, n, k, G.m_tiles(m))
+                        if err < 1e-2 and (key not in best or us < best[key][0]):
+                            best[key] = (us, dict(c, FP8_MODE=mode) if name == "fp8" else c)
+            del ps
+            torch.cuda.empty_cache()
+    for key, (us, c) in sorted(best.items()):
+        print(f"    {key!r}: {c!r},  # {us:.2f} us")
+    return best
+
+
+def check():
+    """Each variant with fp32 output against an fp64 product of the same quantized operands:
+    the error relative to K * 2^-22 * sum|q||W| must stay below 1."""
+    from omniq.kernels import cuda_w8a8_gemv as G
+    from omniq.kernels import triton_w8a8 as W
+    import omniq
+    worst = {}
+    for name, modes in (("int8", (0,)), ("fp8", (0, 2))):
+        sch = omniq.get_scheme(name)
+        for n, k, m in [(40, 64, 1), (33, 48, 3), (300, 1008, 9), (257, 2048, 16), (1000, 12288, 5), (3072, 12288, 16),
+                        (8192, 8192, 1)]:
+            w = torch.randn(n, k) * torch.exp(torch.randn(n, k))   # spread magnitudes
+            qw = sch.quantize(w)
+            p = W.prepare_w8a8(qw, DEV)
+            x = (torch.randn(m, k) * torch.exp(2 * torch.randn(m, k))).to(DEV, torch.bfloat16)
+            q, xs, _ = W.quantize_prepared_activation(x, p)
+            exact = (q.double() * xs.double()[:, None]) @ (p.weight.double() * p.w_scale.double()[:, None]).t()
+            mag = (q.double().abs() * xs.double()[:, None]) @ (p.weight.double().abs() * p.w_scale.double()[:, None]).t()
+            for mode in modes:
+                for c in (dict(), dict(WK=8, UNROLL=1, ctas_per_sm=16), dict(WN=2, WK=2, UNROLL=4, FUSED=0)):
+                    cfg = dict(G.DEFAULT, **c, FP8_MODE=mode)
+                    y32 = G.run_gemv(x, p, None, cfg=cfg, out_dtype=torch.float32).double()
+                    ratio = float(((y32 - exact).abs() / (k * 2.0**-22 * mag + 1e-30)).max())
+                    key = f"{name} mode={mode}"
+                    worst[key] = max(worst.get(key, 0.0), ratio)
+                    print(f"{name} mode={mode} N={n} K={k} M={m} {c}: max err / (K 2^-22 |q||W|) = {ratio:.3g}",
+                          flush=True)
+    print("worst:", {k_: f"{v:.3g}" for k_, v in worst.items()})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--ms", default="1,4,8,16")
+    ap.add_argument("--schemes", default="fp8,int8")
+    ap.add_argument("--modes", default="0")
+    ap.add_argument("--budget", type=float, default=240)
+    a = ap.parse_args()
+    names = a.schemes.split(",")
+    if a.check:
+        check()
+    if a.sweep:
+        sweep(names, tuple(int(v) for v in a.modes.split(",")), a.budget)
+    if not (a.check or a.sweep):
+        table(tuple(int(v) for v in a.ms.split(",")), names)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,672 @@
+"""fp8 / int8 W8A8 for decode-size M (1..16) as one hand-written CUDA kernel, compiled at run
+time with NVRTC (omniq.kernels.nvrtc), over the "triton.w8a8.v1" layout.
+
+The activation is quantized first by the fused Triton quantizer (bit-exact with the schemes'
+`quantize_activation`); this kernel then computes y[m, n] = s_x[m] * s_w[n] * sum_k q[m, k] W[n, k]
+(+ bias) in x's dtype.
+
+Why mma.sync and not FMA: at M = 16 a CUDA-core dot costs 16 FFMA per weight byte for fp8
+(256 per 16-byte load), twice what an SM can issue while streaming 16 B/clk from HBM; a
+warp-level tensor-core instruction (mma.sync, register operands, no shared memory) does
+16 x 8 x 16..32 MACs at once, so the dot costs a few instructions per 16 weight bytes for any
+M <= 16 and the kernel stays memory bound. The weight is the MMA's A operand (swap-AB: the
+16 weight rows are the MMA's M, the tokens its N = 8 or 16), so the weight never goes through
+shared memory: every thread loads 16 contiguous bytes of a weight row straight into the
+registers the MMA reads.
+
+The trick that makes those loads 16 bytes wide: a dot product does not care in which order
+the K terms are summed, so the kernel feeds the MMA a permutation of K in which each thread's
+fragment slots hold 16 *consecutive* bytes of its row; the activation fragment uses the same
+permutation, so every product still pairs W[n, k] with q[m, k]. Concretely, in one step of 64
+K-bytes, lane (g = lane / 4, t = lane % 4) loads W[n0 + g, k0 + 16t : +16], W[n0 + g + 8, same]
+and q[g, same] (and q[g + 8, same] when M > 8):
+  int8 (and native fp8): those 16 bytes are 4 words x0..x3; MMA m16n8k32 #1 takes
+      a = (Wg.x0, Wh.x0, Wg.x1, Wh.x1), b = (q.x0, q.x1); #2 takes the words x2, x3;
+  fp8 via f16: the 16 bytes become 8 f16x2 words (cvt.rn.f16x2.e4m3x2, exact); MMA m16n8k16
+      #j (j < 4) takes a = (Wg[2j], Wh[2j], Wg[2j+1], Wh[2j+1]), b = (q[2j], q[2j+1]).
+Per the PTX fragment layout (m16n8k32 8-bit: a0 = row g, k 4t..4t+3; a1 = row g+8; a2 = row g,
+k 16+4t..; b0 = k 4t.., column g; m16n8k16 f16: a0 = row g, k 2t, 2t+1; a2 = k 8+2t..) the
+A slot (row, s) and the B slot (s, column) that the hardware multiplies come from the same
+physical k, which is all a dot product needs.
+
+Per 16 weight bytes a thread issues: int8 1 load + 1 MMA (x MT); fp8 1 load + 8 cvt (+ 8 cvt
+of the activation per 32 weight bytes x MT) + 2 MMA (x MT). Accumulation: int32 (exact) for
+int8, fp32 for fp8 (the f16 products of e4m3 values are exact).
+
+Work split: a CTA holds WN x WK warps; each warp owns a 16-row tile (WN tiles per CTA) and
+every WK-th round of UNROLL steps of the CTA's K range, double-buffered in registers (16-byte
+`ld.global.nc.L1::no_allocate.L2::256B` weight loads; the activation codes come through L1);
+gridDim.y splits K across CTAs (about `ctas_per_sm` CTAs per SM, one resident wave). The WK
+partial tiles meet in shared memory; with a K split, each CTA parks its partial and the last one
+to arrive (per-tile arrival counter) sums them in split order (deterministic), applies the
+scales and the bias and writes y, then resets the counter.
+
+FUSED (off by default; measured no faster on an H200): the kernel quantizes x itself. The CTAs
+with the lowest ids each quantize one token row (bit-exact with the schemes, tested) and count
+it in a ready word; every CTA starts its weight loads (and an L2 prefetch of PREFETCH bytes
+per row) before it waits for all rows; the last CTA past the wait resets the words.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from omniq.errors import KernelError, where
+
+MAX_M = 16          # this kernel's M range; larger M runs on the tensor-core GEMMs
+K_ALIGN = 16        # 16-byte loads of a K-contiguous weight row
+STEP_K = 64         # K bytes one warp consumes per step (4 lanes x 16 B per row)
+TILE_N = 16         # weight rows per warp tile (the MMA's M)
+INT8_MAX_K = (1 << 17) - 1   # int32 accumulator: |sum| <= K * 128 * 128 < 2^31
+FP8_F16, FP8_NATIVE = 0, 2   # FP8_MODE: e4m3 -> f16 (exact cvt) + f16 MMA, or the e4m3 MMA itself
+
+CUDA_SOURCE = r"""
+// omniq W8A8 GEMV for M <= 16 (see omniq/kernels/cuda_w8a8_gemv.py for the layout argument).
+// Defines: IS_FP8, FP8_MODE (0: cvt to f16 + f16 MMA, 2: e4m3 MMA), MT (1: M <= 8, 2: M <= 16),
+// OUT_KIND (0 fp16, 1 bf16, 2 fp32), IN_BF16, FUSED (quantize x inside), WN, WK, UNROLL, PREFETCH
+// (bytes of each weight row pulled into L2 while the fused quantization runs), MINB.
+typedef unsigned int u32;
+typedef unsigned short u16;
+struct U4 { u32 x, y, z, w; };
+
+#define THREADS (WN * WK * 32)
+#define MCOLS (MT * 8)
+#define ROWS (WN * 16)
+#define OUTS (MCOLS * ROWS)
+#define STEP 64
+#define STRIDE (WK * UNROLL)
+
+#if IS_FP8
+typedef float acc_t;
+#else
+typedef int acc_t;
+#endif
+
+// ---- memory ------------------------------------------------------------------------------
+// 16 weight bytes, streamed once: not kept in L1 (the activation lives there), 256 B L2 lines
+__device__ __forceinline__ U4 ld_weight(const unsigned char* p, int ok) {
+    U4 r;
+    asm("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
+        " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+        " @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "r"(ok));
+    return r;
+}
+
+// 16 activation-code bytes, read by every CTA: cached in L1. With FUSED they are written by other
+// CTAs of this grid before the acquire fence that precedes every read (the fence drops stale L1 lines).
+__device__ __forceinline__ U4 ld_act(const unsigned char* p, int ok) {
+    U4 r;
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
+                 " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+                 " @p ld.global.ca.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "r"(ok) : "memory");
+    return r;
+}
+
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];\n" : "=f"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// ---- MMA ---------------------------------------------------------------------------------
+#if !IS_FP8
+__device__ __forceinline__ void mma8(int* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+#elif FP8_MODE == 2
+__device__ __forceinline__ void mma8(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+#else
+__device__ __forceinline__ void mma16(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// four e4m3 bytes -> two f16x2 words (bytes 0,1 and bytes 2,3), exactly
+__device__ __forceinline__ void e4m3x4_to_f16(u32 w, u32& lo, u32& hi) {
+    asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n"
+        " cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+        : "=r"(lo), "=r"(hi) : "r"(w));
+}
+
+__device__ __forceinline__ void to_f16x8(const U4& v, u32* h) {
+    e4m3x4_to_f16(v.x, h[0], h[1]);
+    e4m3x4_to_f16(v.y, h[2], h[3]);
+    e4m3x4_to_f16(v.z, h[4], h[5]);
+    e4m3x4_to_f16(v.w, h[6], h[7]);
+}
+#endif
+
+// one step (64 K-bytes) of a 16-row tile: rows g (wa) and g + 8 (wb), tokens g (xa) and g + 8 (xb)
+__device__ __forceinline__ void mma_step(acc_t (*c)[4], const U4& wa, const U4& wb, const U4& xa, const U4& xb) {
+#if !IS_FP8 || FP8_MODE == 2
+    mma8(c[0], wa.x, wb.x, wa.y, wb.y, xa.x, xa.y);
+    mma8(c[0], wa.z, wb.z, wa.w, wb.w, xa.z, xa.w);
+#if MT == 2
+    mma8(c[1], wa.x, wb.x, wa.y, wb.y, xb.x, xb.y);
+    mma8(c[1], wa.z, wb.z, wa.w, wb.w, xb.z, xb.w);
+#endif
+#else
+    u32 ha[8], hb[8], qa[8];
+    to_f16x8(wa, ha);
+    to_f16x8(wb, hb);
+    to_f16x8(xa, qa);
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+        mma16(c[0], ha[2 * j], hb[2 * j], ha[2 * j + 1], hb[2 * j + 1], qa[2 * j], qa[2 * j + 1]);
+#if MT == 2
+    u32 qb[8];
+    to_f16x8(xb, qb);
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+        mma16(c[1], ha[2 * j], hb[2 * j], ha[2 * j + 1], hb[2 * j + 1], qb[2 * j], qb[2 * j + 1]);
+#endif
+#endif
+}
+
+// ---- fused activation quantization (one CTA per token row, exactly as the schemes do it) ------
+#if FUSED
+__device__ __forceinline__ float in_to_f32(u32 h) {
+#if IN_BF16
+    return __uint_as_float(h << 16);
+#else
+    float f;
+    asm("cvt.f32.f16 %0, %1;\n" : "=f"(f) : "h"((u16)h));
+    return f;
+#endif
+}
+
+__device__ __forceinline__ float div_rn(float a, float b) {
+    float r;
+    asm("div.rn.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+__device__ __forceinline__ void unpack8(const U4& v, float* f) {
+    f[0] = in_to_f32(v.x & 0xFFFFu); f[1] = in_to_f32(v.x >> 16);
+    f[2] = in_to_f32(v.y & 0xFFFFu); f[3] = in_to_f32(v.y >> 16);
+    f[4] = in_to_f32(v.z & 0xFFFFu); f[5] = in_to_f32(v.z >> 16);
+    f[6] = in_to_f32(v.w & 0xFFFFu); f[7] = in_to_f32(v.w >> 16);
+}
+
+__device__ __forceinline__ U4 ld_in(const u16* p) {
+    U4 r;
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+#if IS_FP8
+// two values -> two e4m3 bytes (lo in the low byte), round to nearest even; v is already in +-448
+__device__ __forceinline__ u32 e4m3x2(float lo, float hi) {
+    u16 d;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+#endif
+
+__device__ void quantize_row(int m, const u16* __restrict__ xin, int x_stride, unsigned char* xq,
+                             float* x_scale, int K, float* red) {
+    const u16* xr = xin + (long long)m * x_stride;
+    float amax = 0.0f;
+    for (int k = threadIdx.x * 8; k < K; k += THREADS * 8) {
+        float f[8];
+        unpack8(ld_in(xr + k), f);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = amax;
+    __syncthreads();
+    amax = red[0];
+    for (int w = 1; w < THREADS / 32; ++w) amax = fmaxf(amax, red[w]);
+    __syncthreads();   // red is reused by the next row
+#if IS_FP8
+    // s = max(amax / 448, 1 / (448 * 512)); q = sat(x / s)   (true division, as the scheme)
+    const float s = fmaxf(div_rn(amax, 448.0f), __uint_as_float(TOKEN_MIN_BITS));
+#else
+    // s = amax / 127; q = sat(rint(x * (127 / amax))), 0 for an all-zero row
+    const float s = div_rn(amax, 127.0f);
+    const float inv = amax > 0.0f ? div_rn(127.0f, amax) : 0.0f;
+#endif
+    for (int k = threadIdx.x * 8; k < K; k += THREADS * 8) {
+        float f[8];
+        unpack8(ld_in(xr + k), f);
+        u32 lo, hi;
+#if IS_FP8
+        float v[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = fminf(fmaxf(div_rn(f[i], s), -448.0f), 448.0f);
+        lo = e4m3x2(v[0], v[1]) | (e4m3x2(v[2], v[3]) << 16);
+        hi = e4m3x2(v[4], v[5]) | (e4m3x2(v[6], v[7]) << 16);
+#else
+        int q[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            float p;
+            asm("mul.rn.f32 %0, %1, %2;\n" : "=f"(p) : "f"(f[i]), "f"(inv));   // no FMA contraction
+            int r;
+            asm("cvt.rni.s32.f32 %0, %1;\n" : "=r"(r) : "f"(p));
+            q[i] = min(max(r, -128), 127) & 0xFF;
+        }
+        lo = q[0] | (q[1] << 8) | (q[2] << 16) | ((u32)q[3] << 24);
+        hi = q[4] | (q[5] << 8) | (q[6] << 16) | ((u32)q[7] << 24);
+#endif
+        asm volatile("st.global.cg.v2.u32 [%0], {%1, %2};\n" :: "l"(xq + (long long)m * K + k), "r"(lo), "r"(hi)
+                     : "memory");
+    }
+    if (threadIdx.x == 0) x_scale[m] = s;
+}
+
+__device__ __forceinline__ int ld_relaxed(const int* p) {
+    int v;
+    asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+#endif
+
+// ---- epilogue ------------------------------------------------------------------------------
+__device__ __forceinline__ float acc_bits(acc_t v) {
+#if IS_FP8
+    return v;
+#else
+    return __int_as_float(v);
+#endif
+}
+
+__device__ __forceinline__ acc_t bits_acc(float v) {
+#if IS_FP8
+    return v;
+#else
+    return __float_as_int(v);
+#endif
+}
+
+__device__ __forceinline__ void epilogue(acc_t v, int m, int n, int N, const float* __restrict__ w_scale,
+                                         const float* x_scale, const void* __restrict__ bias,
+                                         int bias_kind, void* __restrict__ Y) {
+    float y = (float)v;
+    y = y * ld_cg(x_scale + m);
+    y = y * w_scale[n];
+    if (bias_kind == 1) {
+        y += ((const float*)bias)[n];
+    } else if (bias_kind == 2) {
+        y += __uint_as_float(((u32)((const u16*)bias)[n]) << 16);
+    } else if (bias_kind == 3) {
+        float b;
+        asm("cvt.f32.f16 %0, %1;\n" : "=f"(b) : "h"(((const u16*)bias)[n]));
+        y += b;
+    }
+#if OUT_KIND == 2
+    ((float*)Y)[(long long)m * N + n] = y;
+#else
+    u16 h;
+#if OUT_KIND == 1
+    asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(h) : "f"(y));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(h) : "f"(y));
+#endif
+    ((u16*)Y)[(long long)m * N + n] = h;
+#endif
+}
+
+// ---- the kernel ----------------------------------------------------------------------------
+struct Frag {
+    U4 wa[UNROLL];      // weight row n0 + g
+    U4 wb[UNROLL];      // weight row n0 + g + 8
+    U4 xa[UNROLL];      // activation row g
+#if MT == 2
+    U4 xb[UNROLL];      // activation row g + 8
+#endif
+};
+
+__device__ __forceinline__ void load_w(Frag& f, int s, int s_end, int K, int kt, const unsigned char* wa,
+                                       const unsigned char* wb) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        const int ss = s + u;
+        const int ok = (ss < s_end) && (ss * STEP + kt < K);
+        const long long off = (long long)ss * STEP;
+        f.wa[u] = ld_weight(wa + off, ok);
+        f.wb[u] = ld_weight(wb + off, ok);
+    }
+}
+
+__device__ __forceinline__ void load_x(Frag& f, int s, int s_end, int K, int kt, const unsigned char* xa,
+                                       const unsigned char* xb) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        const int ss = s + u;
+        const int ok = (ss < s_end) && (ss * STEP + kt < K);
+        const long long off = (long long)ss * STEP;
+        f.xa[u] = ld_act(xa + off, ok);
+#if MT == 2
+        f.xb[u] = ld_act(xb + off, ok);
+#endif
+    }
+}
+
+__device__ __forceinline__ void compute_frag(const Frag& f, acc_t (*acc)[MT][4]) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)   // two accumulator sets: shorter dependent MMA chains
+#if MT == 2
+        mma_step(acc[u & 1], f.wa[u], f.wb[u], f.xa[u], f.xb[u]);
+#else
+        mma_step(acc[u & 1], f.wa[u], f.wb[u], f.xa[u], f.xa[u]);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, MINB)
+w8a8_gemv(const unsigned char* __restrict__ W, unsigned char* Xq, const void* __restrict__ Xin,
+          const float* __restrict__ w_scale, float* x_scale, const void* __restrict__ bias,
+          void* __restrict__ Y, float* __restrict__ partials, int* __restrict__ counters, int* sync,
+          int M, int N, int K, int steps_per_split, int bias_kind, int x_stride) {
+    __shared__ acc_t red[WK * OUTS];
+    __shared__ int flag_sh;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wn = warp % WN, wk = warp / WN;
+    const int g = lane >> 2, t = lane & 3, kt = 16 * t;
+    const int row0 = (blockIdx.x * WN + wn) * 16;
+    // rows past N / M read a valid row (the last); their results are never stored
+    const unsigned char* wa = W + (long long)min(row0 + g, N - 1) * K + kt;
+    const unsigned char* wb = W + (long long)min(row0 + g + 8, N - 1) * K + kt;
+    const unsigned char* xa = Xq + (long long)min(g, M - 1) * K + kt;
+#if MT == 2
+    const unsigned char* xb = Xq + (long long)min(g + 8, M - 1) * K + kt;
+#else
+    const unsigned char* xb = xa;
+#endif
+    const int steps = (K + STEP - 1) / STEP;
+    const int s_begin = blockIdx.y * steps_per_split;
+    const int s_end = min(s_begin + steps_per_split, steps);
+
+    Frag cur, nxt;
+    int s = s_begin + wk * UNROLL;
+    load_w(cur, s, s_end, K, kt, wa, wb);   // the weight stream starts first
+
+#if FUSED
+    {
+        // sync[0]: token rows quantized, sync[1]: CTAs past the wait. The producers are the CTAs
+        // with the lowest linear ids (dispatched first), one token row each (G = min(M, CTAs)).
+        const int total = gridDim.x * gridDim.y;
+        const int G = min(M, total);
+        const int id = blockIdx.x + blockIdx.y * gridDim.x;
+#if PREFETCH > 0 && __CUDA_ARCH__ >= 900
+        // while x is being quantized, pull the start of this CTA's weight rows into L2
+        if (warp == 0 && lane < ROWS) {
+            const int r = min((int)blockIdx.x * ROWS + lane, N - 1);
+            const long long b0 = (long long)s_begin * STEP + (long long)STRIDE * STEP;
+            const long long b1 = min((long long)s_end * STEP, (long long)K);
+            const long long len = min((long long)PREFETCH, b1 - b0);
+            if (len >= 16)
+                asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n"
+                             :: "l"(W + (long long)r * K + b0), "r"((int)(len & ~15LL)) : "memory");
+        }
+#endif
+        if (id < G) {
+            __shared__ float red_amax[THREADS / 32];
+            int rows = 0;
+            for (int m = id; m < M; m += G, ++rows)
+                quantize_row(m, (const u16*)Xin, x_stride, Xq, x_scale, K, red_amax);
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) atomicAdd(sync, rows);
+        }
+        if (tid == 0) {
+            while (ld_relaxed(sync) < M) __nanosleep(32);
+            asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+            if (atomicAdd(sync + 1, 1) == total - 1) {   // every CTA is past the wait: reset
+                sync[0] = 0;
+                sync[1] = 0;
+            }
+        }
+        __syncthreads();
+    }
+#endif
+
+    acc_t acc[2][MT][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+
+    // double buffer: the next round's loads are in flight while this one is multiplied
+    load_x(cur, s, s_end, K, kt, xa, xb);
+    for (; s < s_end; s += STRIDE) {
+        load_w(nxt, s + STRIDE, s_end, K, kt, wa, wb);
+        load_x(nxt, s + STRIDE, s_end, K, kt, xa, xb);
+        compute_frag(cur, acc);
+        cur = nxt;
+    }
+
+    // C fragment: c0, c1 = (row g, columns 2t, 2t+1), c2, c3 = (row g+8, same columns); red is [WK][MCOLS][ROWS]
+#pragma unroll
+    for (int j = 0; j < MT; ++j) {
+        const int col = 8 * j + 2 * t, r = wn * 16 + g;
+        red[(wk * MCOLS + col) * ROWS + r] = acc[0][j][0] + acc[1][j][0];
+        red[(wk * MCOLS + col + 1) * ROWS + r] = acc[0][j][1] + acc[1][j][1];
+        red[(wk * MCOLS + col) * ROWS + r + 8] = acc[0][j][2] + acc[1][j][2];
+        red[(wk * MCOLS + col + 1) * ROWS + r + 8] = acc[0][j][3] + acc[1][j][3];
+    }
+    __syncthreads();
+
+    const int nbase = blockIdx.x * ROWS;
+    if (gridDim.y == 1) {
+        for (int o = tid; o < OUTS; o += THREADS) {
+            const int m = o / ROWS, r = o % ROWS;
+            acc_t v = red[o];
+#pragma unroll
+            for (int w = 1; w < WK; ++w) v += red[w * OUTS + o];
+            if (m < M && nbase + r < N) epilogue(v, m, nbase + r, N, w_scale, x_scale, bias, bias_kind, Y);
+        }
+        return;
+    }
+
+    float* mine = partials + ((long long)blockIdx.y * gridDim.x + blockIdx.x) * OUTS;
+    for (int o = tid; o < OUTS; o += THREADS) {
+        acc_t v = red[o];
+#pragma unroll
+        for (int w = 1; w < WK; ++w) v += red[w * OUTS + o];
+        mine[o] = acc_bits(v);
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) flag_sh = atomicAdd(counters + blockIdx.x, 1) == (int)gridDim.y - 1;
+    __syncthreads();
+    if (!flag_sh) return;
+    __threadfence();
+    for (int o = tid; o < OUTS; o += THREADS) {
+        const int m = o / ROWS, r = o % ROWS;
+        acc_t v = 0;
+        for (int sp = 0; sp < (int)gridDim.y; ++sp)
+            v += bits_acc(ld_cg(partials + ((long long)sp * gridDim.x + blockIdx.x) * OUTS + o));
+        if (m < M && nbase + r < N) epilogue(v, m, nbase + r, N, w_scale, x_scale, bias, bias_kind, Y);
+    }
+    if (tid == 0) counters[blockIdx.x] = 0;   // ready for the next launch on this stream
+}
+"""
+
+# W, Xq, Xin, w_scale, x_scale, bias, Y, partials, counters, sync; M, N, K, steps_per_split, bias_kind, x_stride
+SIGNATURE = "pppppppppp" + "iiiiii"
+BIAS_KINDS = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+OUT_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+TOKEN_MIN_BITS = 0x36924925   # float32(1 / (448 * 512)): the fp8 per-token scale floor, as the scheme rounds it
+SMEM_LIMIT = 48 * 1024        # static shared memory of one CTA
+SYNC_WORDS = 2 + MAX_M        # fused quantization: ticket, arrivals, one ready flag per token row
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration (plain Python: tested on the CPU)
+# --------------------------------------------------------------------------------------------
+# WN x WK warps per CTA; UNROLL steps (of 64 K-bytes) per warp round, double-buffered in registers;
+# ctas_per_sm sizes the K split (about one resident wave); FUSED quantizes x inside the kernel, and
+# PREFETCH bytes of each weight row go to L2 meanwhile
+DEFAULT = {"WN": 1, "WK": 4, "UNROLL": 2, "ctas_per_sm": 4, "MINB": 1, "FP8_MODE": FP8_F16, "FUSED": 0,
+           "PREFETCH": 0}
+# (fp8|int8, N, K, MT): measured bests on an H200 (benchmarks/probe_w8a8_gemv.py --sweep, whole call
+# with the activation quantizer; the sweep's timings vary by ~5 % between runs)
+_M16 = {"WN": 2, "WK": 4, "UNROLL": 1, "ctas_per_sm": 2}
+TUNED: dict = {
+    ("fp8", 3072, 12288, 2): _M16,     # 22.5 us vs 26.1 us default
+    ("int8", 3072, 12288, 2): _M16,    # 20.7 us
+    ("fp8", 12288, 3072, 2): _M16,     # 17.4 us vs 19.1 us default
+    ("int8", 12288, 3072, 2): _M16,    # 16.6 us vs 16.9 us default
+}
+
+
+def m_tiles(m: int) -> int:
+    """MMA N-tiles of 8 tokens: 1 for M <= 8, 2 for M <= 16."""
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"cuda.w8a8.gemv takes 1 <= M <= {MAX_M}, not {m}")
+    return 1 if m <= 8 else 2
+
+
+def config_for(m: int, n: int, k: int, fp8: bool) -> dict:
+    cfg = dict(DEFAULT)
+    cfg.update(TUNED.get(("fp8" if fp8 else "int8", n, k, m_tiles(m)), {}))
+    return cfg
+
+
+def smem_bytes(cfg: dict, mt: int) -> int:
+    """Static shared memory of a variant: the WK-way reduction of the CTA's [8 MT, 16 WN] tile."""
+    threads = cfg["WN"] * cfg["WK"] * 32
+    return cfg["WK"] * 8 * mt * TILE_N * cfg["WN"] * 4 + 4 * (threads // 32) + 8
+
+
+def launch_config(m: int, n: int, k: int, sms: int, cfg: dict) -> dict:
+    """Grid, block and K split of one launch: (N / 16 / WN) row-tile groups times `split` K
+    ranges, each range a whole number of (WK x UNROLL)-step rounds, about cfg['ctas_per_sm']
+    CTAs per SM, and no empty split."""
+    wn, wk, unroll = cfg["WN"], cfg["WK"], cfg["UNROLL"]
+    if wn * wk > 32 or min(wn, wk, unroll) < 1:
+        raise ValueError(f"cuda.w8a8.gemv: WN x WK = {wn} x {wk} warps is not a CTA (1..32 warps)")
+    mt = m_tiles(m)
+    if smem_bytes(cfg, mt) > SMEM_LIMIT:
+        raise ValueError(f"cuda.w8a8.gemv: {smem_bytes(cfg, mt)} bytes of shared memory > {SMEM_LIMIT} "
+                         f"(fewer warps per CTA)")
+    steps = -(-k // STEP_K)
+    groups = -(-n // (TILE_N * wn))
+    chunk = wk * unroll                       # steps one CTA round consumes
+    chunks = -(-steps // chunk)
+    want = max(1, round(cfg["ctas_per_sm"] * sms / groups))
+    split = max(1, min(want, chunks, cfg.get("max_split", 64)))
+    per = -(-chunks // split) * chunk         # steps per split, a whole number of rounds
+    split = -(-steps // per)                  # drop splits that would be empty
+    return {"grid": (groups, split), "block": (wn * wk * 32,), "split": split, "steps_per_split": per,
+            "mt": mt, "rows_per_cta": TILE_N * wn, "outs_per_cta": 8 * mt * TILE_N * wn, "steps": steps}
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled variants
+# --------------------------------------------------------------------------------------------
+_KERNELS: dict = {}
+_LOCK = threading.Lock()
+
+
+def defines_for(fp8: bool, mt: int, out_dtype: torch.dtype, cfg: dict, in_dtype: torch.dtype | None = None) -> dict:
+    return {"IS_FP8": int(fp8), "FP8_MODE": int(cfg["FP8_MODE"]) if fp8 else 0, "MT": mt,
+            "OUT_KIND": OUT_KINDS[out_dtype], "IN_BF16": int((in_dtype or out_dtype) == torch.bfloat16),
+            "FUSED": int(cfg["FUSED"]), "WN": cfg["WN"], "WK": cfg["WK"], "UNROLL": cfg["UNROLL"],
+            "PREFETCH": int(cfg["PREFETCH"]), "MINB": cfg["MINB"], "TOKEN_MIN_BITS": f"{TOKEN_MIN_BITS:#x}u"}
+
+
+def kernel_for(defines: dict):
+    key = tuple(sorted(defines.items()))
+    kern = _KERNELS.get(key)
+    if kern is None:
+        from omniq.kernels.nvrtc import NvrtcKernel
+        with _LOCK:
+            kern = _KERNELS.get(key)
+            if kern is None:
+                kern = _KERNELS[key] = NvrtcKernel(CUDA_SOURCE, "w8a8_gemv", SIGNATURE, defines)
+    return kern
+
+
+_SYNC: dict = {}
+
+
+def sync_buffers(device: torch.device, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(split-K arrival counters, fused-quantization words) for `device` and the current stream:
+    zero between launches (each launch's last CTA resets what it used). Kernels on one stream
+    never overlap, so every layer shares them."""
+    if device.type == "cuda":
+        key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (str(device), 0)
+    buf = _SYNC.get(key)
+    if buf is None or buf.numel() < n_tiles + SYNC_WORDS:
+        buf = torch.zeros(max(n_tiles + SYNC_WORDS, 4096), dtype=torch.int32, device=device)
+        _SYNC[key] = buf
+    return buf, buf[buf.numel() - SYNC_WORDS:]
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and (t.dim() == 1 or t.stride(0) % 8 == 0)
+
+
+def run_gemv(x: torch.Tensor, p, bias: torch.Tensor | None, cfg: dict | None = None, xq=None,
+             out_dtype: torch.dtype | None = None, scratch=None) -> torch.Tensor:
+    """y[M, N] in x.dtype (or out_dtype: fp32 for diagnostics) for a prepared fp8 / int8 W8A8 weight
+    with dynamic per-token activations. With cfg FUSED (the default) the kernel quantizes x itself
+    (into `scratch` = (q [M, K], s_x [M]) when given: tests read them back); else x is quantized by
+    the Triton quantizer first (or given as xq = (q, s_x, azp))."""
+    from omniq.kernels import triton_w8a8 as w8a8
+    from omniq.kernels._common import sm_count
+    m, k = x.shape
+    if not 1 <= m <= MAX_M:
+        raise KernelError(f"{where(p.name)}cuda.w8a8.gemv takes 1..{MAX_M} rows, got M={m}")
+    if p.act != w8a8.ACT_TOKEN or not p.act_symmetric or p.wmode != w8a8.W_CHANNEL:
+        raise KernelError(f"{where(p.name)}cuda.w8a8.gemv serves per-channel weights with dynamic symmetric "
+                          f"per-token activations only")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise KernelError(f"{where(p.name)}cuda.w8a8.gemv takes bf16 / fp16 activations, not {x.dtype}")
+    if k % K_ALIGN or p.weight.data_ptr() % 16 or p.weight.stride() != (k, 1):
+        raise KernelError(f"{where(p.name)}cuda.w8a8.gemv needs a contiguous, 16-byte aligned weight with "
+                          f"K % {K_ALIGN} == 0 (K={k})")
+    cfg = dict(cfg or config_for(m, p.n, k, p.fp8))
+    dev = x.device
+    if xq is not None:
+        cfg["FUSED"] = 0
+    if cfg["FUSED"]:
+        if not _aligned(x):
+            x = x.contiguous()
+        if scratch is not None:
+            q, xs = scratch
+        else:
+            q = torch.empty(m, k, dtype=p.weight.dtype, device=dev)
+            xs = torch.empty(m, dtype=torch.float32, device=dev)
+    else:
+        q, xs, _ = xq if xq is not None else w8a8.quantize_prepared_activation(x, p)
+        if not q.is_contiguous():
+            q = q.contiguous()
+    lc = launch_config(m, p.n, k, sm_count(dev), cfg)
+    y = torch.empty(m, p.n, dtype=out_dtype or x.dtype, device=dev)
+    bias_kind = 0
+    if bias is not None:
+        if bias.dtype not in BIAS_KINDS or not bias.is_contiguous() or bias.numel() != p.n:
+            bias = bias.reshape(-1).float().contiguous()
+        bias_kind = BIAS_KINDS[bias.dtype]
+    partials = None
+    counters, sync = sync_buffers(dev, lc["grid"][0])
+    if lc["split"] > 1:
+        partials = torch.empty(lc["split"] * lc["grid"][0] * lc["outs_per_cta"], dtype=torch.float32, device=dev)
+    kern = kernel_for(defines_for(p.fp8, lc["mt"], y.dtype, cfg, x.dtype))
+    kern(dev, lc["grid"], lc["block"],
+         [p.weight, q, x, p.w_scale, xs, bias, y, partials, counters, sync, m, p.n, k, lc["steps_per_split"],
+          bias_kind, x.stride(0)])
+    return y

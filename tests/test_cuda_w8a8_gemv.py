@@ -1,0 +1,171 @@
+"""cuda.w8a8.gemv on a CPU: what it accepts and why not (can_implement reasons), the launch
+configuration (every output row and every K step covered exactly once, 16-byte aligned, no
+empty split), the compiled-variant defines, and that the registry / explain list it without a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import omniq
+from omniq.dispatch import Problem
+from omniq.dispatch.registry import get_kernel
+from omniq.kernels import cuda_w8a8_gemv as gemv
+
+KERNEL = "cuda.w8a8.gemv"
+CUDA = torch.device("cuda")
+
+
+def _problem(name="fp8", n=256, k=512, m=1, dtype=torch.bfloat16, **params):
+    return Problem(omniq.get_scheme(name, **params), n, k, m, dtype, CUDA)
+
+
+def test_registered_and_unavailable_on_cpu_with_a_reason():
+    k = get_kernel(KERNEL)
+    assert k.backend == "cuda" and set(k.schemes) == {"fp8", "int8"}
+    assert k.priority > get_kernel("triton.w8a8.splitk").priority
+    assert k.layout.name == "triton.w8a8.v1"   # shares the W8A8 weight copy
+    why = k.available(torch.device("cpu"))
+    assert why and "CUDA" in why
+
+
+@pytest.mark.parametrize("name", ["fp8", "int8"])
+def test_explain_lists_it_on_cpu(name):
+    qw = omniq.get_scheme(name).quantize(torch.randn(32, 64), name="t.layer")
+    verdicts = {v.kernel: v for v in omniq.explain(qw, m=4, device="cpu")}
+    v = verdicts[KERNEL]
+    assert v.status == "unavailable" and v.reason
+
+
+@pytest.mark.parametrize("name,params", [("fp8", {}), ("fp8", {"weight_granularity": "tensor"}), ("int8", {})])
+@pytest.mark.parametrize("m", [1, 7, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_accepts_its_scope(name, params, m, dtype):
+    assert get_kernel(KERNEL).can_implement(_problem(name, 3000, 12288, m, dtype, **params)) is None
+    assert get_kernel(KERNEL).can_implement(_problem(name, 1, 16, m, dtype, **params)) is None
+
+
+@pytest.mark.parametrize("name,params,m,k,dtype,words", [
+    ("fp8", {"activation": "static_tensor"}, 1, 512, torch.bfloat16, "triton.w8a8"),
+    ("fp8", {"activation": "dynamic_tensor"}, 1, 512, torch.bfloat16, "per-token"),
+    ("fp8", {"activation": None}, 1, 512, torch.bfloat16, "weight-only"),
+    ("fp8", {"weight_granularity": "block", "activation": "block"}, 1, 512, torch.bfloat16, "per-token"),
+    ("fp8", {"weight_granularity": "block"}, 1, 512, torch.bfloat16, "block"),
+    ("int8", {"act_symmetric": False}, 1, 512, torch.bfloat16, "asymmetric"),
+    ("int8", {"activation": "static_tensor"}, 1, 512, torch.bfloat16, "triton.w8a8"),
+    ("int8", {"activation": None}, 1, 512, torch.bfloat16, "weight-only"),
+    ("fp8", {}, 17, 512, torch.bfloat16, "M=17 > 16"),
+    ("int8", {}, 40, 512, torch.bfloat16, "M=40 > 16"),
+    ("fp8", {}, 1, 520, torch.bfloat16, "multiple of 16"),
+    ("int8", {}, 4, 24, torch.float16, "multiple of 16"),
+    ("fp8", {}, 1, 512, torch.float32, "bf16 or fp16"),
+    ("int8", {}, 1, 1 << 17, torch.bfloat16, "overflow"),
+])
+def test_reasons(name, params, m, k, dtype, words):
+    why = get_kernel(KERNEL).can_implement(_problem(name, 64, k, m, dtype, **params))
+    assert why is not None and words in why, why
+
+
+def test_forcing_it_on_cpu_fails_with_the_reason():
+    qw = omniq.get_scheme("int8").quantize(torch.randn(32, 64), name="t.layer")
+    with omniq.use_kernel(KERNEL), pytest.raises(omniq.KernelError, match="needs a CUDA device"):
+        omniq.linear(torch.randn(2, 64), qw)
+
+
+def _covered(m, n, k, sms, cfg):
+    """Replay the kernel's index arithmetic: (row, step) -> how often some warp handles it."""
+    lc = gemv.launch_config(m, n, k, sms, cfg)
+    gx, split = lc["grid"]
+    wn, wk, u = cfg["WN"], cfg["WK"], cfg["UNROLL"]
+    steps = lc["steps"]
+    rows = torch.zeros(n, dtype=torch.int64)
+    seen = torch.zeros(steps, dtype=torch.int64)
+    per = lc["steps_per_split"]
+    for bx in range(gx):
+        for w in range(wn):
+            r0 = (bx * wn + w) * gemv.TILE_N
+            rows[r0:min(r0 + gemv.TILE_N, n)] += 1
+    for by in range(split):
+        s_begin, s_end = by * per, min(by * per + per, steps)
+        for w in range(wk):
+            s = s_begin + w * u
+            while s < s_end:
+                for j in range(u):
+                    if s + j < s_end:
+                        seen[s + j] += 1
+                s += wk * u
+    return lc, rows, seen
+
+
+@settings(max_examples=60)
+@given(m=st.integers(1, 16), n=st.integers(1, 20000), k16=st.integers(1, 2048), sms=st.sampled_from((1, 8, 132)),
+       wn=st.sampled_from((1, 2, 4)), wk=st.sampled_from((1, 2, 4, 8, 16)), unroll=st.sampled_from((1, 2, 4)),
+       ctas=st.sampled_from((1, 4, 8, 16)))
+def test_launch_config_covers_every_row_and_step_once(m, n, k16, sms, wn, wk, unroll, ctas):
+    assume(wn * wk <= 32)
+    k = 16 * k16
+    cfg = dict(gemv.DEFAULT, WN=wn, WK=wk, UNROLL=unroll, ctas_per_sm=ctas)
+    assume(gemv.smem_bytes(cfg, gemv.m_tiles(m)) <= gemv.SMEM_LIMIT)
+    lc, rows, seen = _covered(m, n, k, sms, cfg)
+    assert bool((rows == 1).all()), "an output row is computed by no CTA or by two"
+    assert bool((seen == 1).all()), "a 64-byte K step is summed by no warp or by two"
+    gx, split = lc["grid"]
+    assert lc["block"] == (32 * wn * wk,) and lc["block"][0] <= 1024
+    assert split >= 1 and (split - 1) * lc["steps_per_split"] < lc["steps"], "an empty split"
+    assert lc["steps_per_split"] % (wk * unroll) == 0, "a split must be whole (WK x UNROLL)-step rounds"
+    assert (lc["steps_per_split"] * gemv.STEP_K) % 16 == 0
+    assert gx * lc["rows_per_cta"] >= n > (gx - 1) * lc["rows_per_cta"]
+    assert lc["mt"] == (1 if m <= 8 else 2)
+    assert split <= cfg.get("max_split", 64)
+    assert gemv.smem_bytes(cfg, lc["mt"]) <= gemv.SMEM_LIMIT
+
+
+def test_launch_config_fills_the_gpu_on_the_target_shapes():
+    for n, k in [(8192, 8192), (12288, 3072), (3072, 12288)]:
+        for m in (1, 16):
+            cfg = gemv.config_for(m, n, k, fp8=True)
+            lc = gemv.launch_config(m, n, k, 132, cfg)
+            ctas = lc["grid"][0] * lc["grid"][1]
+            assert ctas >= 132, (n, k, m, lc)
+
+
+def test_launch_config_rejects_oversized_ctas():
+    with pytest.raises(ValueError, match="warps"):
+        gemv.launch_config(1, 64, 64, 132, dict(gemv.DEFAULT, WN=4, WK=16))
+
+
+def test_smem_bytes_covers_the_reduction_buffer():
+    # red[WK * OUTS] of acc_t (4 bytes), OUTS = 8 MT x 16 WN, as in the CUDA source
+    assert "__shared__ acc_t red[WK * OUTS];" in gemv.CUDA_SOURCE
+    for wn, wk in [(1, 4), (2, 4), (1, 16)]:
+        cfg = dict(gemv.DEFAULT, WN=wn, WK=wk)
+        assert gemv.smem_bytes(cfg, 2) >= wk * 16 * 16 * wn * 4
+
+
+def test_m_tiles_rejects_out_of_range():
+    with pytest.raises(ValueError):
+        gemv.m_tiles(0)
+    with pytest.raises(ValueError):
+        gemv.m_tiles(17)
+
+
+def test_defines_name_one_variant_per_configuration():
+    cfg = dict(gemv.DEFAULT)
+    d = gemv.defines_for(True, 2, torch.bfloat16, cfg)
+    assert d["IS_FP8"] == 1 and d["MT"] == 2 and d["OUT_KIND"] == 1 and d["IN_BF16"] == 1
+    assert gemv.defines_for(True, 1, torch.float32, cfg, torch.float16)["IN_BF16"] == 0
+    assert gemv.defines_for(False, 1, torch.float16, cfg)["FP8_MODE"] == 0   # int8 ignores the fp8 mode
+    keys = {tuple(sorted(gemv.defines_for(f, mt, dt, cfg).items()))
+            for f in (True, False) for mt in (1, 2) for dt in (torch.float16, torch.bfloat16)}
+    assert len(keys) == 8
+    for name in d:   # every define is used by the source
+        assert name in gemv.CUDA_SOURCE
+
+
+def test_token_scale_floor_bits():
+    # the fused fp8 quantizer's floor on s is the scheme's, as an fp32 bit pattern
+    from omniq.schemes.fp8 import TOKEN_SCALE_MIN
+    t = torch.tensor([TOKEN_SCALE_MIN], dtype=torch.float32)
+    assert int(t.view(torch.int32)) == gemv.TOKEN_MIN_BITS
+    assert gemv.SIGNATURE.count("p") == 10 and len(gemv.SIGNATURE) == 16
