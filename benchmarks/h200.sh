@@ -24,7 +24,7 @@ if [[ " $STAGES " == *" tune "* ]]; then
       --output "$OUT/nvidia-h200.json" > "$OUT/tune.log" 2>&1
   echo "tune rc=$?" >> "$OUT/env.txt"
   # the benchmark below runs with the table just measured, as the package will ship it
-  [ -s "$OUT/nvidia-h200.json" ] && cp "$OUT/nvidia-h200.json" omniq/dispatch/tuning/nvidia-h200.json
+  [ -s "$OUT/nvidia-h200.json" ] && mkdir -p omniq/dispatch/tuning && cp "$OUT/nvidia-h200.json" omniq/dispatch/tuning/
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   BENCH_S=${BENCH_S:-300}
