@@ -128,7 +128,10 @@ class IntMM(_Cuda):
     """cuBLASLt int8 GEMM (exact int32) with the scales applied by one fused epilogue kernel."""
     name = "cuda.int8.int_mm"
     schemes = INT_MM_SCHEMES
-    priority = 15
+    # below triton.w8a8.gemm (10): on the H200, cuBLASLt int8 plus the epilogue pass ran 0.73-1.03x
+    # of bf16 at M = 512 / 2048 where the Triton GEMM ran 0.93-1.27x on all three benchmark shapes
+    # (benchmarks/results/h200-2026-11-29/run1-all-kernels.txt); a tuning table still overrides this
+    priority = 8
     layout = w8a8.LAYOUT
 
     def can_implement(self, pr):

@@ -21,8 +21,7 @@ from omniq.kernels import cuda_affine_mma as mma  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("--json")
 ap.add_argument("--m", default="1,2,4,8,16")
-ap.add_argument("--targets", default="528,792")
-ap.add_argument("--pf", default="1,2")
+ap.add_argument("--targets", default="264,528,1056")
 args = ap.parse_args()
 dev = torch.device("cuda")
 rows = []
@@ -47,14 +46,13 @@ for n, k in [(8192, 8192), (12288, 3072), (3072, 12288)]:
         t_b = bench([lambda w_=w_: torch.nn.functional.linear(x, w_) for w_ in wbs])
         row = {"n": n, "k": k, "m": m, "bf16_us": t_b}
         for tgt in [int(v) for v in args.targets.split(",")]:
-            for pf in [int(v) for v in args.pf.split(",")]:
-                mma.TARGET_CTAS, mma.PREFETCH = tgt, pf
-                y = kern.run(x, base, None)
-                err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-                t = bench([lambda p_=p_: kern.run(x, p_, None) for p_ in preps])
-                row[f"mma_{tgt}_{pf}_us"] = t
-                row["mma_err"] = err
-        mma.TARGET_CTAS, mma.PREFETCH = 528, 2
+            mma.TARGET_CTAS = tgt
+            y = kern.run(x, base, None)
+            err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            t = bench([lambda p_=p_: kern.run(x, p_, None) for p_ in preps])
+            row[f"mma_{tgt}_us"] = t
+            row["mma_err"] = err
+        mma.TARGET_CTAS = 528
         row["splitk_us"] = bench([lambda p_=p_: splitk.run(x, p_, None) for p_ in preps])
         row["tinygemm_us"] = bench([lambda p_=p_: tg.run(x, p_, None) for p_ in tgp])
         rows.append(row)

@@ -11,6 +11,11 @@ and two byte-permutes per register pair, so no shared memory and no layout shuff
 Group scales (group size a multiple of 128, or one group) multiply the fp32 block sums, so the
 dot is exact in fp32. A tile of 8 x rows per MMA: M <= 8 takes one, M <= 16 two.
 
+Measured on the H200 (benchmarks/results/h200-2026-11-29/probe_mma_*.json): 1.40-1.65x the bf16
+matmul at M = 1 and 1.24-1.43x at M = 8; at M = 16 (two MMA tiles, 128 registers) the Triton
+split-K kernel is faster and the tuning table picks it. Loading the next block's scales and zero
+points with its weights (more registers) and prefetching two blocks ahead were both slower.
+
 Split-K across CTAs fills the 132 SMs when N is small: each CTA parks its fp32 partial in a
 workspace and the last to arrive (an atomic counter per tile) sums the splits in order.
 """
@@ -92,27 +97,12 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
 struct Block {
     U4 wa, wb;          // words 4t..4t+3 of rows g and g+8
     U2 xv[MT][8];       // x[m][blk*128 + 16 s + 4t .. +3] for m = 8 mt + g, slot s
-    float sa, sb;       // the block's group scales of rows g and g+8
-    int za, zb;         // and their zero points
 };
 
-// everything one 128-wide K block needs, issued together so the loads overlap the previous
-// block's math (scales and zero points included: waiting on them per block halved the speed)
-__device__ __forceinline__ void load_block(Block& B, const U4* wa, const U4* wb, const u16* x,
-                                           const void* scales, const unsigned char* zeros, int b,
-                                           int M, int N, int K, int G, int NG, int sx, int zc,
-                                           int ra, int rb, int g, int t) {
+__device__ __forceinline__ void load_block(Block& B, const U4* wa, const U4* wb, const u16* x, int b,
+                                           int M, int K, int sx, int g, int t) {
     B.wa = wa[b * 4];
     B.wb = wb[b * 4];
-    const long gi = (long)min((b * 128) / G, NG - 1) * N;
-    B.sa = scale_at(scales, gi + ra);
-    B.sb = scale_at(scales, gi + rb);
-#if ZMODE == 1
-    B.za = zeros[gi + ra];
-    B.zb = zeros[gi + rb];
-#else
-    B.za = zc; B.zb = zc;
-#endif
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         const int m = mt * 8 + g;
@@ -147,24 +137,19 @@ extern "C" __global__ void __launch_bounds__(128) affine_mma_gemv(
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) { acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f; }
 
-    // blocks in flight: cur (being multiplied), then PF more already requested
-    Block cur, n1;
-#if PF == 2
-    Block n2;
-#endif
-#define LOAD(B, bb) load_block(B, wa, wb, x, scales, zeros, bb, M, N, K, G, NG, sx, zc, ra, rb, g, t)
-    if (b0 < b1) LOAD(cur, b0);
-#if PF == 2
-    if (b0 + 1 < b1) LOAD(n1, b0 + 1);
-#endif
+    // one block requested ahead of the one being multiplied (measured: deeper prefetch, or the
+    // scales loaded with it, cost more in occupancy than they gained)
+    Block cur, nxt;
+    if (b0 < b1) load_block(cur, wa, wb, x, b0, M, K, sx, g, t);
     for (int b = b0; b < b1; ++b) {
-#if PF == 2
-        if (b + 2 < b1) LOAD(n2, b + 2);
+        if (b + 1 < b1) load_block(nxt, wa, wb, x, b + 1, M, K, sx, g, t);
+        const long gi = (long)min((b * 128) / G, NG - 1) * N;
+#if ZMODE == 1
+        const u32 na = neg_magic((int)zeros[gi + ra]), nb = neg_magic((int)zeros[gi + rb]);
 #else
-        if (b + 1 < b1) LOAD(n1, b + 1);
+        const u32 na = neg_magic(zc), nb = na;
 #endif
-        const u32 na = neg_magic(cur.za), nb = neg_magic(cur.zb);
-        const float sa = cur.sa, sb = cur.sb;
+        const float sa = scale_at(scales, gi + ra), sb = scale_at(scales, gi + rb);
         float c[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) { c[mt][0] = c[mt][1] = c[mt][2] = c[mt][3] = 0.f; }
@@ -189,10 +174,7 @@ extern "C" __global__ void __launch_bounds__(128) affine_mma_gemv(
             acc[mt][0] += sa * c[mt][0]; acc[mt][1] += sa * c[mt][1];
             acc[mt][2] += sb * c[mt][2]; acc[mt][3] += sb * c[mt][3];
         }
-        cur = n1;
-#if PF == 2
-        n1 = n2;
-#endif
+        cur = nxt;
     }
 
     // acc[mt][i]: row n0 + g (+8 for i >= 2), column m = 8 mt + 2t (+1 for odd i)
@@ -256,18 +238,13 @@ def _scale_code(dtype: torch.dtype) -> int:
     return {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[dtype]
 
 
-PREFETCH = 2   # K blocks requested ahead of the one being multiplied (1 or 2)
-
-
-def variant(bf16: bool, mt: int, zmode: int, scale_dtype: torch.dtype, has_bias: bool,
-            pf: int | None = None) -> NvrtcKernel:
-    pf = PREFETCH if pf is None else pf
-    key = (bf16, mt, zmode, scale_dtype, has_bias, pf)
+def variant(bf16: bool, mt: int, zmode: int, scale_dtype: torch.dtype, has_bias: bool) -> NvrtcKernel:
+    key = (bf16, mt, zmode, scale_dtype, has_bias)
     k = _VARIANTS.get(key)
     if k is None:
         k = NvrtcKernel(SOURCE, "affine_mma_gemv", SIGNATURE,
                         defines={"BF16": bf16, "MT": mt, "ZMODE": zmode, "SCALE_T": _scale_code(scale_dtype),
-                                 "HAS_BIAS": has_bias, "PF": pf})
+                                 "HAS_BIAS": has_bias})
         _VARIANTS[key] = k
     return k
 
@@ -337,5 +314,5 @@ def run(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
 
 def all_variants() -> list[NvrtcKernel]:
     """Every specialisation (compile checks)."""
-    return [variant(bf, mt, zm, sd, hb, pf) for bf in (True, False) for mt in (1, 2) for zm in (0, 1)
-            for sd in (torch.float16, torch.bfloat16, torch.float32) for hb in (False, True) for pf in (1, 2)]
+    return [variant(bf, mt, zm, sd, hb) for bf in (True, False) for mt in (1, 2) for zm in (0, 1)
+            for sd in (torch.float16, torch.bfloat16, torch.float32) for hb in (False, True)]
