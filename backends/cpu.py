@@ -240,6 +240,13 @@ class Int8IntMM(_Int8W8A8):
     name = "cpu.int8.int_mm"
     priority = 30
 
+    def can_implement(self, pr):
+        if pr.k == 1:
+            # torch 2.13's CPU _int_mm returns garbage for K = 1 (either operand order, contiguous
+            # or not; seen against an exact int32 matmul): fbgemm and the dequant path run it
+            return "K=1: torch._int_mm on the CPU returns wrong sums for a single input feature"
+        return _Int8W8A8.can_implement(self, pr)
+
     def gemm(self, q, w):
         return torch._int_mm(q, w.t())
 
@@ -250,6 +257,7 @@ class Int8IntMMTransposed(_Int8W8A8):
     well for a handful of rows; the epilogue reads the [N, M] product transposed."""
     name = "cpu.int8.int_mm_t"
     priority = 31
+    can_implement = Int8IntMM.can_implement
 
     def gemm(self, q, w):
         return torch._int_mm(w, q.t()).t()

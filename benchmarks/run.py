@@ -1388,7 +1388,32 @@ def write_plots(results, plot_dir: str, peers=()) -> str:
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         written += 1
+    written += _summary_plot(plt, groups, out)
     return f"--plot: wrote {written} PNG(s) to {out}"
+
+
+def _summary_plot(plt, groups: dict, out: Path) -> int:
+    """summary.png: omniq.linear's pick for every scheme, one panel per shape (the README's plot)."""
+    shapes = sorted({(n, k) for _, n, k in groups})
+    if not shapes:
+        return 0
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.2 * len(shapes), 4.4), sharey=True, squeeze=False)
+    for ax, (n, k) in zip(axes[0], shapes):
+        for (scheme, gn, gk), rows in sorted(groups.items()):
+            pts = sorted((r["m"], r["speedup"]) for r in rows if r.get("chosen") and (gn, gk) == (n, k))
+            if pts:
+                ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=scheme)
+        ax.axhline(1.0, color="grey", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (tokens)")
+        ax.set_title(f"N x K = {n} x {k}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("speedup over the bf16 matmul (omniq's pick)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "summary.png", dpi=100)
+    plt.close(fig)
+    return 1
 
 
 def _interrupt(signum, frame):

@@ -72,6 +72,8 @@ def int8_w8a8_cases(draw):
 @given(data=st.data())
 def test_int8_w8a8_kernel_matches_scheme_matmul(kernel, data):
     sch, n, k = data.draw(int8_w8a8_cases())
+    if k == 1 and "int_mm" in kernel:
+        k = 2  # torch's CPU _int_mm is wrong at K = 1; those kernels refuse it (test below)
     x = data.draw(activations(k, 9))
     qw = quantized(sch, n, k, data.draw(st.integers(0, 2**31 - 1)), x_sample=x)
     bias = _bias(data.draw, n)
@@ -79,6 +81,18 @@ def test_int8_w8a8_kernel_matches_scheme_matmul(kernel, data):
     ref = sch.matmul(x, qw, bias)
     # the integer product is exact: only the fp32 epilogue and the output rounding differ
     assert_within(y, ref, error_bound(x, qw, ref, bias), f"{kernel} {sch.key} N={n} K={k} x={tuple(x.shape)}")
+
+
+@pytest.mark.parametrize("kernel", ["cpu.int8.int_mm", "cpu.int8.int_mm_t"])
+def test_int_mm_kernels_refuse_k1_with_reason(kernel):
+    from omniq.dispatch import Problem, get_kernel
+    pr = Problem(omniq.get_scheme("int8"), 16, 1, 4, torch.bfloat16, CPU)
+    assert "K=1" in get_kernel(kernel).can_implement(pr)
+    qw = quantized(omniq.get_scheme("int8"), 16, 1, 0)
+    x = torch.randn(3, 1)
+    y = omniq.linear(x, omniq.prepare(qw, CPU, x.dtype))   # another kernel serves it, correctly
+    ref = qw.scheme.matmul(x, qw)
+    assert_within(y, ref, error_bound(x, qw, ref, None), "int8 K=1")
 
 
 def _fake_from_codes(q, s, azp, p):

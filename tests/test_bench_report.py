@@ -383,7 +383,10 @@ def test_plots_draw_the_peers_of_the_same_method(tmp_path, monkeypatch):
         def savefig(self, path, **kw):
             Path(path).write_bytes(b"png")
 
-    plt = _types.SimpleNamespace(subplots=lambda **kw: (Fig(), Ax()), close=lambda fig: None)
+    def subplots(nrows=1, ncols=1, squeeze=True, **kw):
+        return Fig(), (Ax() if squeeze else [[Ax() for _ in range(ncols)] for _ in range(nrows)])
+
+    plt = _types.SimpleNamespace(subplots=subplots, close=lambda fig: None)
     mpl = _types.ModuleType("matplotlib")
     mpl.use = lambda *a: None
     mpl.pyplot = plt
@@ -391,7 +394,9 @@ def test_plots_draw_the_peers_of_the_same_method(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", plt)
     data = _synthetic()
     msg = run.write_plots(data["results"], str(tmp_path), data["peers"])
-    assert "wrote 2 PNG" in msg and len(list(tmp_path.glob("*.png"))) == 2
+    # one per (scheme, shape), plus summary.png: every scheme's pick, a panel per shape
+    assert "wrote 3 PNG" in msg and len(list(tmp_path.glob("*.png"))) == 3
+    assert (tmp_path / "summary.png").exists()
     labels = {lab for lab, _, _ in lines}
     assert {"peer: int4 tinygemm", "peer: int4 gemlite", "triton.int4.gemv", "omniq.linear's pick"} <= labels
     assert "peer: fp8 W8A8 gemlite" not in labels and "peer: mxfp4 w-only gemlite" not in labels

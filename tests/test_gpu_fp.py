@@ -103,7 +103,7 @@ def test_mxfp8_compiled(activation, dtype):
     n, k = 1000, 1000            # K not a multiple of 32: a partial last block
     s = omniq.get_scheme("mxfp8", activation=activation)
     qw = s.quantize(weight(n, k))
-    for kernel, ms in (("splitk", (1, 9, 64)), ("gemm", (3, 130, 300)), ("dequant_mm", (128, 257))):
+    for kernel, ms in (("splitk", (1, 9, 32)), ("gemm", (3, 130, 300)), ("dequant_mm", (128, 257))):
         for m in ms:
             x = act((m, k), dtype, seed=m)
             b = torch.randn(n, device=DEV).to(dtype)
