@@ -156,22 +156,42 @@ class IntMM(_Cuda):
         return w8a8.int_epilogue(acc, p, xs, azp, bias, x.dtype)
 
 
-# ---- int4 weight-only: omniq's tensor-core GEMV ------------------------------------------------
-@register_kernel
-class AffineMmaGemv(Kernel):
-    """4-bit GPTQ / AWQ / AutoRound at M <= 16: lop3 dequantization straight into mma.sync
-    fragments, split-K over CTAs (kernels/cuda_affine_mma.py)."""
-    name = "cuda.affine.mma_gemv"
+# ---- omniq's own CUDA C++ kernels (NVRTC) ------------------------------------------------------
+class NvrtcCudaKernel(Kernel):
+    """Base of omniq's CUDA C++ kernels compiled at first use by NVRTC (kernels/nvrtc.py):
+    available where torch's NVRTC runs on an NVIDIA GPU of at least `min_capability`."""
     backend = "cuda"
-    schemes = ("gptq", "awq")
-    priority = 30
-    layout = affine.LAYOUT
+    min_capability = (8, 0)   # bf16 / fp16 mma.sync m16n8k16
+    capability_why = "bf16 / fp16 mma.sync"
 
     def available(self, device):
         why = nvrtc_reason(device)
-        if why is None and _capability(device) < (8, 0):
-            why = "bf16 / fp16 mma.sync needs compute capability 8.0+"
+        if why is None:
+            cap = _capability(device)
+            if cap < self.min_capability:
+                why = (f"needs compute capability {self.min_capability[0]}.{self.min_capability[1]}+ "
+                       f"({self.capability_why}); this GPU is {cap[0]}.{cap[1]}")
         return why
+
+
+def half_activation_reason(pr) -> str | None:
+    """The NVRTC kernels take bf16 / fp16 activations (the MMA's input types) and write y in
+    the same dtype."""
+    if pr.act_dtype not in _HALF:
+        return f"activations must be bf16 or fp16 (the MMA's input types), not {pr.act_dtype}"
+    if getattr(pr, "out_dtype", None) not in (None, pr.act_dtype):
+        return f"writes y in the activation dtype ({pr.act_dtype}), not {pr.out_dtype}"
+    return None
+
+
+@register_kernel
+class AffineMmaGemv(NvrtcCudaKernel):
+    """4-bit GPTQ / AWQ / AutoRound at M <= 16: lop3 dequantization straight into mma.sync
+    fragments, split-K over CTAs (kernels/cuda_affine_mma.py)."""
+    name = "cuda.affine.mma_gemv"
+    schemes = ("gptq", "awq")
+    priority = 30
+    layout = affine.LAYOUT
 
     def can_implement(self, pr):
         sch = pr.scheme
@@ -182,9 +202,7 @@ class AffineMmaGemv(Kernel):
             return f"group_size={g}: needs -1 or a multiple of 128 (one scale per 128-wide K block)"
         if pr.m > affine_mma.MAX_M:
             return f"M={pr.m} > {affine_mma.MAX_M}: use the GEMM kernels"
-        if pr.act_dtype not in _HALF:
-            return f"activations must be bf16 or fp16 (the MMA's input types), not {pr.act_dtype}"
-        return None
+        return half_activation_reason(pr)
 
     def run(self, x, p, bias):
         return affine_mma.run(x, p, bias)

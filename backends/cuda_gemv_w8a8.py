@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from omniq.dispatch import Kernel, register_kernel
+from omniq.backends.cuda import NvrtcCudaKernel, half_activation_reason
+from omniq.dispatch import register_kernel
 from omniq.kernels import cuda_w8a8_gemv as gemv
 from omniq.kernels import triton_w8a8 as w8a8
-from omniq.kernels.nvrtc import nvrtc_reason
 
-MIN_CAPABILITY = (8, 0)       # mma.sync m16n8k32 s8 / m16n8k16 f16
 FP8_CAPABILITY = (8, 9)       # cvt.rn.f16x2.e4m3x2
-_HALF = (torch.bfloat16, torch.float16)
 
 
 def _capability(device: torch.device) -> tuple[int, int] | None:
@@ -23,23 +21,13 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
 
 
 @register_kernel
-class CudaW8A8Gemv(Kernel):
+class CudaW8A8Gemv(NvrtcCudaKernel):
     """Decode-size fp8 / int8 W8A8: 16-byte weight loads straight into mma.sync fragments, split-K."""
     name = "cuda.w8a8.gemv"
-    backend = "cuda"
+    capability_why = "mma.sync m16n8k32 s8 / m16n8k16 f16"
     schemes = ("fp8", "int8")
     priority = 30           # above triton.w8a8.splitk (20) and the cuBLASLt kernels (15) for M <= 16
     layout = w8a8.LAYOUT
-
-    def available(self, device):
-        why = nvrtc_reason(device)
-        if why:
-            return why
-        cap = _capability(device)
-        if cap is not None and cap < MIN_CAPABILITY:
-            return f"needs compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+ (mma.sync), this GPU is " \
-                   f"{cap[0]}.{cap[1]}"
-        return None
 
     def can_implement(self, pr):
         sch = pr.scheme
@@ -53,10 +41,9 @@ class CudaW8A8Gemv(Kernel):
             return "asymmetric int8 activations (zero points) run on triton.w8a8 / cuda.int8.int_mm"
         if pr.m > gemv.MAX_M:
             return f"M={pr.m} > {gemv.MAX_M}: cuda.w8a8.gemv is for decode-size M; the GEMMs serve larger M"
-        if pr.act_dtype not in _HALF:
-            return f"activations must be bf16 or fp16, not {pr.act_dtype}"
-        if pr.out_dtype not in (None, pr.act_dtype):
-            return f"writes y in the activation dtype ({pr.act_dtype}), not {pr.out_dtype}"
+        why = half_activation_reason(pr)
+        if why:
+            return why
         if pr.k % gemv.K_ALIGN:
             return f"K={pr.k} must be a multiple of {gemv.K_ALIGN} (16-byte weight loads)"
         if sch.name == "int8" and pr.k > gemv.INT8_MAX_K:

@@ -1,6 +1,6 @@
 """Host-side helpers shared by omniq's Triton kernel modules: the optional Triton import,
 interpreter detection, SM counts, launch-grid and split-K choice, split-K workspaces, layered
-configurations, and the availability rule of every Triton-backed kernel.
+configurations, split-K arrival counters, and the availability rule of every Triton-backed kernel.
 
 Only Python that runs on the host lives here; the @triton.jit code stays in each kernel module.
 """
@@ -79,6 +79,24 @@ def launch_grid(cfg: dict, n: int, m: int, iters: int, device: torch.device, spl
     bm = max(16, min(cfg["BLOCK_M"], next_pow2(m)))
     tiles = -(-n // bn) * -(-m // bm)
     return bn, bm, tiles, pick_split(cfg, tiles, iters, device, splitk, cap)
+
+
+_COUNTERS: dict = {}
+
+
+def tile_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
+    """Split-K arrival counters per (device, stream), zero between launches (the last CTA of
+    each tile resets its counter). Kernels on one stream never overlap, so layers share them;
+    a CUDA graph captured on a side stream gets its own buffer (zeroed once, inside the graph)."""
+    if device.type == "cuda":
+        key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (str(device), 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n_tiles:
+        buf = torch.zeros(max(n_tiles, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
 
 
 def split_workspace(split: int, tiles: int, bn: int, bm: int, device: torch.device, counters,

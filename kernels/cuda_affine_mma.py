@@ -24,30 +24,10 @@ from __future__ import annotations
 import torch
 
 from omniq.errors import KernelError, where
+from omniq.kernels.cuda_common import PRELUDE, splitk_buffers
 from omniq.kernels.nvrtc import NvrtcKernel
 
-SOURCE = r"""
-typedef unsigned int u32;
-typedef unsigned short u16;
-struct __align__(16) U4 { u32 x, y, z, w; };
-struct __align__(8) U2 { u32 x, y; };
-
-__device__ __forceinline__ float h2f(u16 h) {
-#if BF16
-    return __uint_as_float(((u32)h) << 16);
-#else
-    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
-#endif
-}
-__device__ __forceinline__ u16 f2h(float f) {
-    u16 h;
-#if BF16
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#else
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#endif
-    return h;
-}
+SOURCE = PRELUDE + r"""
 __device__ __forceinline__ float scale_at(const void* s, long i) {
 #if SCALE_T == 0
     u16 h = ((const u16*)s)[i]; float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
@@ -80,20 +60,6 @@ __device__ __forceinline__ u32 dq(u32 w, u32 neg) {
 #endif
     return r;
 }
-__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-#if BF16
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-}
-
 struct Block {
     U4 wa, wb;          // words 4t..4t+3 of rows g and g+8
     U2 xv[MT][8];       // x[m][blk*128 + 16 s + 4t .. +3] for m = 8 mt + g, slot s
@@ -177,52 +143,7 @@ extern "C" __global__ void __launch_bounds__(128) affine_mma_gemv(
         cur = nxt;
     }
 
-    // acc[mt][i]: row n0 + g (+8 for i >= 2), column m = 8 mt + 2t (+1 for odd i)
-    if (S == 1) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int n = n0 + g + (i >> 1) * 8, m = mt * 8 + 2 * t + (i & 1);
-                if (n < N && m < M) {
-                    float v = acc[mt][i];
-#if HAS_BIAS
-                    v += h2f(bias[n]);
-#endif
-                    y[(long)m * N + n] = f2h(v);
-                }
-            }
-        return;
-    }
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int n = n0 + g + (i >> 1) * 8, m = mt * 8 + 2 * t + (i & 1);
-            if (n < N && m < M) ws[((long)blockIdx.y * M + m) * N + n] = acc[mt][i];
-        }
-    __threadfence();
-    __syncthreads();
-    __shared__ int last;
-    if (threadIdx.x == 0) last = (atomicAdd(cnt + blockIdx.x, 1) == S - 1);
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int n = n0 + g + (i >> 1) * 8, m = mt * 8 + 2 * t + (i & 1);
-            if (n < N && m < M) {
-                float v = 0.f;
-                for (int s = 0; s < S; ++s) v += __ldcg(ws + ((long)s * M + m) * N + n);
-#if HAS_BIAS
-                v += h2f(bias[n]);
-#endif
-                y[(long)m * N + n] = f2h(v);
-            }
-        }
-    if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
+    store_tile<MT>(acc, 1.f, 1.f, bias, y, ws, cnt, n0, g, t, M, N, S);
 }
 """
 
@@ -297,11 +218,7 @@ def run(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
     n, kw = p.n, p.qweight.shape[1]
     tiles, splits, bps, mt = launch_config(m, n, kw, TARGET_CTAS)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ws = cnt = None
-    if splits > 1:
-        from omniq.kernels.triton_affine import tile_counters
-        ws = torch.empty(splits * m * n, dtype=torch.float32, device=x.device)
-        cnt = tile_counters(x.device, tiles)
+    ws, cnt = splitk_buffers(x.device, splits, m, n, tiles)
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
     kern = variant(x.dtype == torch.bfloat16, mt, p.zmode, p.scales.dtype, bias is not None)

@@ -31,7 +31,8 @@ import torch
 
 from omniq.errors import KernelError, where
 from omniq.kernels.nvrtc import NvrtcKernel
-from omniq.kernels.triton_mx import FMT_MXFP4, FMT_NVFP4, PTX_FP4_BF16, PTX_FP4_F16, REXP_NAN, tile_counters
+from omniq.kernels.cuda_common import PRELUDE, splitk_buffers
+from omniq.kernels.triton_mx import FMT_MXFP4, FMT_NVFP4, PTX_FP4_BF16, PTX_FP4_F16, REXP_NAN
 
 
 _PAIR_IN = "cvt.u32.u16 t, $2;\nprmt.b32 t, t, 0, 0x1404;"
@@ -49,27 +50,7 @@ def _c_string(ptx: str) -> str:
     return '"' + ptx.replace("$", "%").replace("\n", "\\n") + '"'
 
 
-SOURCE = r"""
-typedef unsigned int u32;
-typedef unsigned short u16;
-struct __align__(16) U4 { u32 x, y, z, w; };
-
-__device__ __forceinline__ float h2f(u16 h) {
-#if BF16
-    return __uint_as_float(((u32)h) << 16);
-#else
-    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
-#endif
-}
-__device__ __forceinline__ u16 f2h(float f) {
-    u16 h;
-#if BF16
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#else
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#endif
-    return h;
-}
+SOURCE = PRELUDE + r"""
 __device__ __forceinline__ u32 word(const U4& v, int i) {
     return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
 }
@@ -111,20 +92,6 @@ __device__ __forceinline__ void decode(u32 w, u32 flo, u32 fhi, u32& lo, u32& hi
     asm(PTX_F16 : "=r"(lo), "=r"(hi) : "r"(w), "r"(flo), "r"(fhi), "n"(h ? 0x3424 : 0x1404));
 #endif
 }
-__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-#if BF16
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-}
-
 struct Step {
     U4 wa, wb;              // bytes 16t..16t+15 of the step in rows g and g+8
     U4 xl[MT][2], xh[MT][2];// x[m][klo .. klo+15] and x[m][khi .. khi+15], m = 8 mt + g
@@ -232,52 +199,7 @@ extern "C" __global__ void __launch_bounds__(128) fp4_mma_gemv(
 
     // acc[mt][i]: row n0 + g (+8 for i >= 2), column m = 8 mt + 2t (+1 for odd i)
     const float rfa = row_factor(rexp, ra, gscale), rfb = row_factor(rexp, rb, gscale);
-    if (S == 1) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int n = n0 + g + (i >> 1) * 8, m = mt * 8 + 2 * t + (i & 1);
-                if (n < N && m < M) {
-                    float v = acc[mt][i] * (i < 2 ? rfa : rfb);
-#if HAS_BIAS
-                    v += h2f(bias[n]);
-#endif
-                    y[(long)m * N + n] = f2h(v);
-                }
-            }
-        return;
-    }
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int n = n0 + g + (i >> 1) * 8, m = mt * 8 + 2 * t + (i & 1);
-            if (n < N && m < M) ws[((long)blockIdx.y * M + m) * N + n] = acc[mt][i];
-        }
-    __threadfence();
-    __syncthreads();
-    __shared__ int last;
-    if (threadIdx.x == 0) last = (atomicAdd(cnt + blockIdx.x, 1) == S - 1);
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int n = n0 + g + (i >> 1) * 8, m = mt * 8 + 2 * t + (i & 1);
-            if (n < N && m < M) {
-                float v = 0.f;
-                for (int s = 0; s < S; ++s) v += __ldcg(ws + ((long)s * M + m) * N + n);
-                v *= (i < 2 ? rfa : rfb);
-#if HAS_BIAS
-                v += h2f(bias[n]);
-#endif
-                y[(long)m * N + n] = f2h(v);
-            }
-        }
-    if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
+    store_tile<MT>(acc, rfa, rfb, bias, y, ws, cnt, n0, g, t, M, N, S);
 }
 """
 
@@ -355,10 +277,7 @@ def run(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
     n, kb = p.n, p.qweight.shape[1]
     tiles, splits, bps, mt = launch_config(m, n, kb, TARGET_CTAS)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ws = cnt = None
-    if splits > 1:
-        ws = torch.empty(splits * m * n, dtype=torch.float32, device=x.device)
-        cnt = tile_counters(x.device, tiles)
+    ws, cnt = splitk_buffers(x.device, splits, m, n, tiles)
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
     kern = variant(x.dtype == torch.bfloat16, mt, p.fmt, p.h, bias is not None)

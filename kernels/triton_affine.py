@@ -39,7 +39,7 @@ import torch
 from omniq.dispatch import Layout
 from omniq.errors import KernelError, where
 from omniq.kernels._common import (float_dot_dtype, interpreting, launch_grid, layered_config, next_pow2,
-                                   pick_split, split_workspace, tl, triton)
+                                   pick_split, split_workspace, tile_counters, tl, triton)
 
 SUPPORTED_BITS = (2, 4, 8)
 LAYOUT_NAME = "triton.affine.v1"
@@ -205,23 +205,6 @@ def dequantize_prepared(p: AffinePrepared) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Split-K bookkeeping shared by every split-K kernel of omniq's Triton backends
 # --------------------------------------------------------------------------------------------
-_COUNTERS: dict = {}
-
-
-def tile_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
-    """Per-(device, stream) arrival counters, zero between launches (the last CTA of each
-    tile resets its counter). Kernels on one stream never overlap, so layers share them."""
-    if device.type == "cuda":
-        key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        key = (str(device), 0)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n_tiles:
-        buf = torch.zeros(max(n_tiles, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
-
-
 if triton is not None:
 
     @triton.jit

@@ -47,7 +47,8 @@ import torch
 
 from omniq.dispatch import Layout
 from omniq.errors import KernelError, where
-from omniq.kernels._common import interpreting, launch_grid, layered_config, next_pow2, split_workspace, tl, triton
+from omniq.kernels._common import (interpreting, launch_grid, layered_config, next_pow2, split_workspace,
+                                   tile_counters, tl, triton)
 
 FP4_LAYOUT = "triton.fp4.v1"
 MXFP8_LAYOUT = "triton.mxfp8.v1"
@@ -596,22 +597,6 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 # Host side: configurations and launches
 # --------------------------------------------------------------------------------------------
-_COUNTERS: dict = {}
-
-
-def tile_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Split-K arrival counters, one buffer per device; every kernel leaves them at zero.
-
-    Per device rather than per stream: a CUDA graph is captured on a side stream, and counters
-    first allocated there would put a memset in every graph. Split-K launches of these kernels
-    must therefore not run concurrently on two streams of one device (one model stream, or
-    graphs replayed one at a time, as vLLM does)."""
-    key = str(device) if device.index is not None or device.type != "cuda" else f"cuda:{torch.cuda.current_device()}"
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
 
 
 SPLITK_MAX_M = 64
