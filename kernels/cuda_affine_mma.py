@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from omniq.errors import KernelError, where
-from omniq.kernels.cuda_common import PRELUDE, splitk_buffers
+from omniq.kernels import cuda_common
+from omniq.kernels.cuda_common import PRELUDE, ROWS_PER_CTA, TARGET_CTAS, splitk_buffers  # noqa: F401
 from omniq.kernels.nvrtc import NvrtcKernel
 
 SOURCE = PRELUDE + r"""
@@ -149,8 +150,6 @@ extern "C" __global__ void __launch_bounds__(128) affine_mma_gemv(
 
 SIGNATURE = "p" * 8 + "i" * 10
 MAX_M = 16
-ROWS_PER_CTA = 64
-TARGET_CTAS = 4 * 132   # enough resident 4-warp CTAs to keep every SM's loads in flight
 
 _VARIANTS: dict = {}
 
@@ -170,14 +169,9 @@ def variant(bf16: bool, mt: int, zmode: int, scale_dtype: torch.dtype, has_bias:
     return k
 
 
-def launch_config(m: int, n: int, kw: int, target_ctas: int = TARGET_CTAS) -> tuple[int, int, int, int]:
+def launch_config(m: int, n: int, kw: int, target_ctas: int | None = None) -> tuple[int, int, int, int]:
     """(row tiles, splits, blocks per split, m tiles) for an M x N problem over kw words per row."""
-    tiles = -(-n // ROWS_PER_CTA)
-    nblk = kw // 16
-    want = max(1, min(nblk, -(-target_ctas // tiles)))
-    bps = -(-nblk // want)
-    splits = -(-nblk // bps)
-    return tiles, splits, bps, (1 if m <= 8 else 2)
+    return cuda_common.launch_config(m, n, kw // 16, target_ctas or TARGET_CTAS)
 
 
 def unsupported(p) -> str | None:
@@ -199,10 +193,7 @@ def unsupported(p) -> str | None:
 
 def run(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
     """y[M, N] = x @ W^T (+ bias) for M <= 16, x bf16 / fp16 [M, K]."""
-    why = getattr(p, "_mma_unsupported", False)
-    if why is False:
-        why = unsupported(p)
-        p._mma_unsupported = why
+    why = cuda_common.prepared_reason(p, "cuda.affine.mma_gemv", unsupported)
     if why:
         raise KernelError(f"{where(p.name)}cuda.affine.mma_gemv: {why}")
     m, k = x.shape

@@ -104,6 +104,28 @@ __device__ __forceinline__ void store_tile(const float (*acc)[4], float fa, floa
 """
 
 
+ROWS_PER_CTA = 64        # 4 warps of 16 output rows
+TARGET_CTAS = 4 * 132    # enough resident 4-warp CTAs to keep every H200 SM's loads in flight
+
+
+def launch_config(m: int, n: int, steps: int, target_ctas: int = TARGET_CTAS) -> tuple[int, int, int, int]:
+    """(row tiles, K splits, K steps per split, MMA token tiles) for M tokens, N rows and
+    `steps` K steps per row: enough CTAs to fill the GPU, no empty split."""
+    tiles = -(-n // ROWS_PER_CTA)
+    want = max(1, min(steps, -(-target_ctas // tiles)))
+    per = -(-steps // want)
+    return tiles, -(-steps // per), per, (1 if m <= 8 else 2)
+
+
+def prepared_reason(p, kernel: str, unsupported) -> str | None:
+    """unsupported(p) once per prepared weight (cached on it): the forms of a shared layout
+    this kernel does not decode."""
+    key = "_unsupported_" + kernel
+    if key not in p.__dict__:
+        p.__dict__[key] = unsupported(p)
+    return p.__dict__[key]
+
+
 def splitk_buffers(device: torch.device, splits: int, m: int, n: int, tiles: int):
     """(workspace, counters) for store_tile with `splits` K splits over `tiles` row tiles, or
     (None, None) for one split. The counters are shared per stream and left at zero."""

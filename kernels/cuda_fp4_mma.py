@@ -31,7 +31,8 @@ import torch
 
 from omniq.errors import KernelError, where
 from omniq.kernels.nvrtc import NvrtcKernel
-from omniq.kernels.cuda_common import PRELUDE, splitk_buffers
+from omniq.kernels import cuda_common
+from omniq.kernels.cuda_common import PRELUDE, ROWS_PER_CTA, TARGET_CTAS, splitk_buffers  # noqa: F401
 from omniq.kernels.triton_mx import FMT_MXFP4, FMT_NVFP4, PTX_FP4_BF16, PTX_FP4_F16, REXP_NAN
 
 
@@ -206,9 +207,7 @@ extern "C" __global__ void __launch_bounds__(128) fp4_mma_gemv(
 # x, qw, scales, rexp, bias, y, ws, cnt | M, N, K, KB, sx, bps, S | gscale
 SIGNATURE = "p" * 8 + "i" * 7 + "f"
 MAX_M = 16
-ROWS_PER_CTA = 64
 STEP_BYTES = 64           # bytes of a row per K step of a warp (128 K)
-TARGET_CTAS = 4 * 132     # enough resident 4-warp CTAs to keep every SM's loads in flight
 # K steps requested ahead of the one being multiplied (1 or 2); None: 2 for one m tile, 1 for two
 # (two tiles with depth 2 take ~165 registers: 3 CTAs per SM instead of the 4 TARGET_CTAS assumes)
 PREFETCH = None
@@ -231,14 +230,9 @@ def variant(bf16: bool, mt: int, fmt: int, h: int, has_bias: bool, pf: int | Non
     return k
 
 
-def launch_config(m: int, n: int, kb: int, target_ctas: int = TARGET_CTAS) -> tuple[int, int, int, int]:
+def launch_config(m: int, n: int, kb: int, target_ctas: int | None = None) -> tuple[int, int, int, int]:
     """(row tiles, splits, steps per split, m tiles) for an M x N problem over kb bytes per row."""
-    tiles = -(-n // ROWS_PER_CTA)
-    nst = -(-kb // STEP_BYTES)
-    want = max(1, min(nst, -(-target_ctas // tiles)))
-    bps = -(-nst // want)
-    splits = -(-nst // bps)
-    return tiles, splits, bps, (1 if m <= 8 else 2)
+    return cuda_common.launch_config(m, n, -(-kb // STEP_BYTES), target_ctas or TARGET_CTAS)
 
 
 def unsupported(p) -> str | None:
@@ -260,10 +254,7 @@ def unsupported(p) -> str | None:
 
 def run(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
     """y[M, N] = x @ W^T (+ bias) for M <= 16, x bf16 / fp16 [M, K], W in triton.fp4.v1."""
-    why = getattr(p, "_fp4_mma_unsupported", False)
-    if why is False:
-        why = unsupported(p)
-        p._fp4_mma_unsupported = why
+    why = cuda_common.prepared_reason(p, "cuda.fp4.mma_gemv", unsupported)
     if why:
         raise KernelError(f"{where(p.name)}cuda.fp4.mma_gemv: {why}")
     m, k = x.shape
