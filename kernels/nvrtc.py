@@ -9,7 +9,9 @@ wheel per CUDA version. The kernels take raw pointers, so each one is a plain
     kern = NvrtcKernel(SOURCE, "my_kernel", "ppii", defines={"BF16": 1})
     kern(device, grid, block, [x, y, 3, 4])          # p: tensor (or None), i: int32, f: float32
 
-A launch costs a few microseconds of Python (ctypes); inside a CUDA graph it costs nothing.
+A launch costs a few microseconds of Python (ctypes; the driver entry point is looked up once,
+not per call as torch's own `_compile_kernel` launcher does); inside a CUDA graph it costs
+nothing.
 """
 from __future__ import annotations
 
@@ -23,10 +25,22 @@ _LOCK = threading.Lock()
 
 
 def _driver():
-    """libcuda through torch's helpers (the name moved between torch releases)."""
+    """libcuda through torch's helpers (the name moved between torch releases). Each call of
+    those helpers dlopens the library again (~20 us), hence `_launch_fn`."""
     from torch.cuda import _utils
     get = getattr(_utils, "_get_gpu_runtime_library", None) or getattr(_utils, "_get_cuda_library")
     return get()
+
+
+_LAUNCH: list = []
+
+
+def _launch_fn():
+    """cuLaunchKernel, looked up once per process."""
+    if not _LAUNCH:
+        lib = _driver()
+        _LAUNCH.extend((lib.cuLaunchKernel, lib))  # the library object kept alive with its function
+    return _LAUNCH[0]
 
 
 def nvrtc_reason(device: torch.device) -> str | None:
@@ -108,10 +122,9 @@ class NvrtcKernel:
                 holders.append(_CTYPES[kind](a))
         arr = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
         stream = torch.cuda.current_stream(device)
-        lib = _driver()
         g = tuple(grid) + (1,) * (3 - len(grid))
         b = tuple(block) + (1,) * (3 - len(block))
-        res = lib.cuLaunchKernel(fn, g[0], g[1], g[2], b[0], b[1], b[2], shared_mem,
-                                 ctypes.c_void_p(stream.cuda_stream), arr, None)
+        res = _launch_fn()(fn, g[0], g[1], g[2], b[0], b[1], b[2], shared_mem,
+                           ctypes.c_void_p(stream.cuda_stream), arr, None)
         if res != 0:
             raise RuntimeError(f"omniq: cuLaunchKernel({self.name}) failed with CUDA error {res}")
