@@ -1,0 +1,85 @@
+"""Compile omniq's NVRTC kernels for sm_90 WITHOUT a GPU: syntax errors, registers / spills, and
+a hash of each variant's SASS (so a refactor can be shown to leave the machine code unchanged).
+
+Needs libnvrtc (any machine, no driver): e.g.
+    pip download --no-deps --only-binary=:all: --platform manylinux2014_x86_64 -d /tmp/nvrtc nvidia-cuda-nvrtc
+    (cd /tmp/nvrtc && unzip -q -o *.whl)
+and cuobjdump (Triton's wheel carries one). Then:
+    NVRTC_LIB=/tmp/nvrtc/nvidia/cu13/lib/libnvrtc.so.13 python tools/nvrtc_offline.py \
+        cuda_affine_mma cuda_fp4_mma [--hashes out.json]
+Each module named must define all_variants() -> [NvrtcKernel].
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import glob
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+
+def _lib():
+    path = os.environ.get("NVRTC_LIB") or next(iter(glob.glob("/tmp/nvrtc/**/libnvrtc.so*", recursive=True)), None)
+    if not path:
+        sys.exit("set NVRTC_LIB to a libnvrtc.so (see the module docstring)")
+    return ctypes.CDLL(path)
+
+
+def compile_cubin(lib, source: str, name: str, arch: str = "sm_90") -> bytes:
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"k.cu", 0, None, None):
+        raise RuntimeError("nvrtcCreateProgram failed")
+    opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"]
+    lib.nvrtcAddNameExpression(prog, name.encode())
+    res = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    if res:
+        raise RuntimeError(f"{name}: compile failed\n{log.value.decode()}")
+    lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+    buf = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetCUBIN(prog, buf)
+    return buf.raw
+
+
+def _cuobjdump() -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("modules", nargs="+", help="module names under omniq.kernels")
+    ap.add_argument("--hashes", help="write {variant: SASS hash} here")
+    args = ap.parse_args()
+    lib, tool, hashes = _lib(), _cuobjdump(), {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cub = os.path.join(tmp, "k.cubin")
+        for mod in args.modules:
+            for k in importlib.import_module(f"omniq.kernels.{mod}").all_variants():
+                with open(cub, "wb") as f:
+                    f.write(compile_cubin(lib, k.source, k.name))
+                res = subprocess.run([tool, "-res-usage", cub], capture_output=True, text=True).stdout
+                sass = subprocess.run([tool, "-sass", cub], capture_output=True, text=True).stdout
+                code = [ln.split("*/", 1)[1].strip() for ln in sass.splitlines()
+                        if ln.strip().startswith("/*") and "*/" in ln]
+                defines = ";".join(ln[8:] for ln in k.source.splitlines() if ln.startswith("#define") and len(ln) < 40)
+                key = f"{mod}|{k.name}|{defines}"
+                hashes[key] = hashlib.md5("\n".join(code).encode()).hexdigest()[:12]
+                usage = " ".join(w for w in res.split() if w.startswith(("REG:", "LOCAL:", "SHARED:")))
+                print(f"{key}: {usage} sass {hashes[key]}")
+    if args.hashes:
+        with open(args.hashes, "w") as f:
+            json.dump(hashes, f, indent=0, sort_keys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
