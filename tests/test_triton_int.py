@@ -19,7 +19,7 @@ from _int_util import (HALF_ULP, activations, affine_cases, assert_within, error
                        quantized, tie_rows, w8a8_cases)
 from _scheme_util import make_tensor
 
-pytestmark = pytest.mark.skipif(affine.triton is None or not affine.interpreting(),
+pytestmark = pytest.mark.skipif(not affine.interpreting(),
                                 reason="runs under the Triton interpreter (no GPU here); on a GPU the same "
                                        "kernels are compiled by tests/test_gpu_int.py")
 
