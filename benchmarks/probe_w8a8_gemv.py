@@ -6,9 +6,9 @@ sweep (feeds TUNED in kernels/cuda_w8a8_gemv.py) and an accuracy check of the fp
     python benchmarks/probe_w8a8_gemv.py --check         # every variant vs an fp64 reference (fp32 out)
 
 Times are medians of CUDA-graph replays over rotating weight copies (more bytes than L2), as
-in probe_int.py. 'gemv' is the whole omniq.linear call with the kernel pinned (activation
-quantizer fused into the GEMV by default); 'unfused' is the Triton quantizer then the GEMV; 'kernel'
-is the GEMV alone on an already quantized activation.
+in probe_int.py. 'gemv' is the whole omniq.linear call with the kernel pinned (the Triton
+activation quantizer, then the GEMV); 'kernel' is the GEMV alone on an already quantized
+activation.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def table(ms, names):
     import omniq
     from omniq.kernels import cuda_w8a8_gemv as G
     from omniq.kernels import triton_w8a8 as W
-    print(f"{'scheme':6} {'N x K':>12} {'M':>3} {'bf16':>8} {'gemv':>8} {'unfused':>8} {'kernel':>8} {'splitk':>8} "
+    print(f"{'scheme':6} {'N x K':>12} {'M':>3} {'bf16':>8} {'gemv':>8} {'kernel':>8} {'splitk':>8} "
           f"{'x bf16':>7} {'x splitk':>8}")
     for n, k in SHAPES:
         wbs = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02
@@ -54,23 +54,20 @@ def table(ms, names):
                 y = omniq.linear(x, gp[0]).float().cpu()
                 err = float((y - ref).norm() / ref.norm().clamp(min=1e-30))
                 full = bench([lambda p=p: omniq.linear(x, p) for p in gp])
-                cfg = dict(G.config_for(m, n, k, name == "fp8"), FUSED=0)
-                unf = bench([lambda p=p: G.run_gemv(x, p.data, None, cfg=cfg) for p in gp])
                 xq = W.quantize_prepared_activation(x, gp[0].data)
                 kern = bench([lambda p=p: G.run_gemv(x, p.data, None, xq=xq) for p in gp])
                 spl = bench([lambda p=p: omniq.linear(x, p) for p in sp])
                 flag = "" if err < 1e-2 else f"  WRONG rel err {err:.3g}"
-                print(f"{name:6} {n:>5}x{k:<6} {m:>3} {bf:8.2f} {full:8.2f} {unf:8.2f} {kern:8.2f} {spl:8.2f} "
+                print(f"{name:6} {n:>5}x{k:<6} {m:>3} {bf:8.2f} {full:8.2f} {kern:8.2f} {spl:8.2f} "
                       f"{bf / full:7.2f} {spl / full:8.2f}{flag}", flush=True)
             del gp, sp
         del wbs
         torch.cuda.empty_cache()
 
 
-SWEEP = [dict(WN=wn, WK=wk, UNROLL=u, ctas_per_sm=c, FUSED=f, PREFETCH=pf)
-         for wn, wk, u, c, f, pf in [(1, 4, 2, 4, 1, 2048), (1, 4, 2, 4, 0, 0), (1, 4, 2, 4, 1, 0), (1, 4, 2, 4, 1, 8192),
-                                     (1, 8, 2, 4, 1, 2048), (1, 4, 1, 8, 1, 2048), (2, 4, 1, 2, 1, 2048),
-                                     (1, 8, 1, 4, 1, 2048), (1, 4, 2, 3, 1, 2048), (2, 2, 2, 4, 1, 2048)]]
+SWEEP = [dict(WN=wn, WK=wk, UNROLL=u, ctas_per_sm=c)
+         for wn, wk, u, c in [(1, 4, 2, 4), (1, 8, 2, 4), (1, 4, 1, 8), (2, 4, 1, 2), (1, 8, 1, 4), (1, 4, 2, 3),
+                              (2, 2, 2, 4)]]
 
 
 def sweep(names, modes, budget):
@@ -131,7 +128,7 @@ def check():
             exact = (q.double() * xs.double()[:, None]) @ (p.weight.double() * p.w_scale.double()[:, None]).t()
             mag = (q.double().abs() * xs.double()[:, None]) @ (p.weight.double().abs() * p.w_scale.double()[:, None]).t()
             for mode in modes:
-                for c in (dict(), dict(WK=8, UNROLL=1, ctas_per_sm=16), dict(WN=2, WK=2, UNROLL=4, FUSED=0)):
+                for c in (dict(), dict(WK=8, UNROLL=1, ctas_per_sm=16), dict(WN=2, WK=2, UNROLL=4)):
                     cfg = dict(G.DEFAULT, **c, FP8_MODE=mode)
                     y32 = G.run_gemv(x, p, None, cfg=cfg, out_dtype=torch.float32).double()
                     ratio = float(((y32 - exact).abs() / (k * 2.0**-22 * mag + 1e-30)).max())

@@ -41,10 +41,9 @@ partial tiles meet in shared memory; with a K split, each CTA parks its partial 
 to arrive (per-tile arrival counter) sums them in split order (deterministic), applies the
 scales and the bias and writes y, then resets the counter.
 
-FUSED (off by default; measured no faster on an H200): the kernel quantizes x itself. The CTAs
-with the lowest ids each quantize one token row (bit-exact with the schemes, tested) and count
-it in a ready word; every CTA starts its weight loads (and an L2 prefetch of PREFETCH bytes
-per row) before it waits for all rows; the last CTA past the wait resets the words.
+An in-kernel activation quantizer (lowest-id CTAs quantize, the others wait on a flag) was
+measured no faster on the H200 than the Triton quantizer launched first, and it relied on those
+CTAs being scheduled while others spin; it was removed.
 """
 from __future__ import annotations
 
@@ -64,8 +63,7 @@ FP8_F16, FP8_NATIVE = 0, 2   # FP8_MODE: e4m3 -> f16 (exact cvt) + f16 MMA, or t
 CUDA_SOURCE = r"""
 // omniq W8A8 GEMV for M <= 16 (see omniq/kernels/cuda_w8a8_gemv.py for the layout argument).
 // Defines: IS_FP8, FP8_MODE (0: cvt to f16 + f16 MMA, 2: e4m3 MMA), MT (1: M <= 8, 2: M <= 16),
-// OUT_KIND (0 fp16, 1 bf16, 2 fp32), IN_BF16, FUSED (quantize x inside), WN, WK, UNROLL, PREFETCH
-// (bytes of each weight row pulled into L2 while the fused quantization runs), MINB.
+// OUT_KIND (0 fp16, 1 bf16, 2 fp32), WN, WK, UNROLL, MINB.
 typedef unsigned int u32;
 typedef unsigned short u16;
 struct U4 { u32 x, y, z, w; };
@@ -94,8 +92,7 @@ __device__ __forceinline__ U4 ld_weight(const unsigned char* p, int ok) {
     return r;
 }
 
-// 16 activation-code bytes, read by every CTA: cached in L1. With FUSED they are written by other
-// CTAs of this grid before the acquire fence that precedes every read (the fence drops stale L1 lines).
+// 16 activation-code bytes, read by every CTA: cached in L1
 __device__ __forceinline__ U4 ld_act(const unsigned char* p, int ok) {
     U4 r;
     asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
@@ -175,108 +172,6 @@ __device__ __forceinline__ void mma_step(acc_t (*c)[4], const U4& wa, const U4& 
 #endif
 #endif
 }
-
-// ---- fused activation quantization (one CTA per token row, exactly as the schemes do it) ------
-#if FUSED
-__device__ __forceinline__ float in_to_f32(u32 h) {
-#if IN_BF16
-    return __uint_as_float(h << 16);
-#else
-    float f;
-    asm("cvt.f32.f16 %0, %1;\n" : "=f"(f) : "h"((u16)h));
-    return f;
-#endif
-}
-
-__device__ __forceinline__ float div_rn(float a, float b) {
-    float r;
-    asm("div.rn.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-
-__device__ __forceinline__ void unpack8(const U4& v, float* f) {
-    f[0] = in_to_f32(v.x & 0xFFFFu); f[1] = in_to_f32(v.x >> 16);
-    f[2] = in_to_f32(v.y & 0xFFFFu); f[3] = in_to_f32(v.y >> 16);
-    f[4] = in_to_f32(v.z & 0xFFFFu); f[5] = in_to_f32(v.z >> 16);
-    f[6] = in_to_f32(v.w & 0xFFFFu); f[7] = in_to_f32(v.w >> 16);
-}
-
-__device__ __forceinline__ U4 ld_in(const u16* p) {
-    U4 r;
-    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-    return r;
-}
-
-#if IS_FP8
-// two values -> two e4m3 bytes (lo in the low byte), round to nearest even; v is already in +-448
-__device__ __forceinline__ u32 e4m3x2(float lo, float hi) {
-    u16 d;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(d) : "f"(hi), "f"(lo));
-    return d;
-}
-#endif
-
-__device__ void quantize_row(int m, const u16* __restrict__ xin, int x_stride, unsigned char* xq,
-                             float* x_scale, int K, float* red) {
-    const u16* xr = xin + (long long)m * x_stride;
-    float amax = 0.0f;
-    for (int k = threadIdx.x * 8; k < K; k += THREADS * 8) {
-        float f[8];
-        unpack8(ld_in(xr + k), f);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = amax;
-    __syncthreads();
-    amax = red[0];
-    for (int w = 1; w < THREADS / 32; ++w) amax = fmaxf(amax, red[w]);
-    __syncthreads();   // red is reused by the next row
-#if IS_FP8
-    // s = max(amax / 448, 1 / (448 * 512)); q = sat(x / s)   (true division, as the scheme)
-    const float s = fmaxf(div_rn(amax, 448.0f), __uint_as_float(TOKEN_MIN_BITS));
-#else
-    // s = amax / 127; q = sat(rint(x * (127 / amax))), 0 for an all-zero row
-    const float s = div_rn(amax, 127.0f);
-    const float inv = amax > 0.0f ? div_rn(127.0f, amax) : 0.0f;
-#endif
-    for (int k = threadIdx.x * 8; k < K; k += THREADS * 8) {
-        float f[8];
-        unpack8(ld_in(xr + k), f);
-        u32 lo, hi;
-#if IS_FP8
-        float v[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = fminf(fmaxf(div_rn(f[i], s), -448.0f), 448.0f);
-        lo = e4m3x2(v[0], v[1]) | (e4m3x2(v[2], v[3]) << 16);
-        hi = e4m3x2(v[4], v[5]) | (e4m3x2(v[6], v[7]) << 16);
-#else
-        int q[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            float p;
-            asm("mul.rn.f32 %0, %1, %2;\n" : "=f"(p) : "f"(f[i]), "f"(inv));   // no FMA contraction
-            int r;
-            asm("cvt.rni.s32.f32 %0, %1;\n" : "=r"(r) : "f"(p));
-            q[i] = min(max(r, -128), 127) & 0xFF;
-        }
-        lo = q[0] | (q[1] << 8) | (q[2] << 16) | ((u32)q[3] << 24);
-        hi = q[4] | (q[5] << 8) | (q[6] << 16) | ((u32)q[7] << 24);
-#endif
-        asm volatile("st.global.cg.v2.u32 [%0], {%1, %2};\n" :: "l"(xq + (long long)m * K + k), "r"(lo), "r"(hi)
-                     : "memory");
-    }
-    if (threadIdx.x == 0) x_scale[m] = s;
-}
-
-__device__ __forceinline__ int ld_relaxed(const int* p) {
-    int v;
-    asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-#endif
 
 // ---- epilogue ------------------------------------------------------------------------------
 __device__ __forceinline__ float acc_bits(acc_t v) {
@@ -370,10 +265,10 @@ __device__ __forceinline__ void compute_frag(const Frag& f, acc_t (*acc)[MT][4])
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, MINB)
-w8a8_gemv(const unsigned char* __restrict__ W, unsigned char* Xq, const void* __restrict__ Xin,
+w8a8_gemv(const unsigned char* __restrict__ W, unsigned char* Xq,
           const float* __restrict__ w_scale, float* x_scale, const void* __restrict__ bias,
-          void* __restrict__ Y, float* __restrict__ partials, int* __restrict__ counters, int* sync,
-          int M, int N, int K, int steps_per_split, int bias_kind, int x_stride) {
+          void* __restrict__ Y, float* __restrict__ partials, int* __restrict__ counters,
+          int M, int N, int K, int steps_per_split, int bias_kind) {
     __shared__ acc_t red[WK * OUTS];
     __shared__ int flag_sh;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -396,46 +291,6 @@ w8a8_gemv(const unsigned char* __restrict__ W, unsigned char* Xq, const void* __
     Frag cur, nxt;
     int s = s_begin + wk * UNROLL;
     load_w(cur, s, s_end, K, kt, wa, wb);   // the weight stream starts first
-
-#if FUSED
-    {
-        // sync[0]: token rows quantized, sync[1]: CTAs past the wait. The producers are the CTAs
-        // with the lowest linear ids (dispatched first), one token row each (G = min(M, CTAs)).
-        const int total = gridDim.x * gridDim.y;
-        const int G = min(M, total);
-        const int id = blockIdx.x + blockIdx.y * gridDim.x;
-#if PREFETCH > 0 && __CUDA_ARCH__ >= 900
-        // while x is being quantized, pull the start of this CTA's weight rows into L2
-        if (warp == 0 && lane < ROWS) {
-            const int r = min((int)blockIdx.x * ROWS + lane, N - 1);
-            const long long b0 = (long long)s_begin * STEP + (long long)STRIDE * STEP;
-            const long long b1 = min((long long)s_end * STEP, (long long)K);
-            const long long len = min((long long)PREFETCH, b1 - b0);
-            if (len >= 16)
-                asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n"
-                             :: "l"(W + (long long)r * K + b0), "r"((int)(len & ~15LL)) : "memory");
-        }
-#endif
-        if (id < G) {
-            __shared__ float red_amax[THREADS / 32];
-            int rows = 0;
-            for (int m = id; m < M; m += G, ++rows)
-                quantize_row(m, (const u16*)Xin, x_stride, Xq, x_scale, K, red_amax);
-            __threadfence();
-            __syncthreads();
-            if (tid == 0) atomicAdd(sync, rows);
-        }
-        if (tid == 0) {
-            while (ld_relaxed(sync) < M) __nanosleep(32);
-            asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
-            if (atomicAdd(sync + 1, 1) == total - 1) {   // every CTA is past the wait: reset
-                sync[0] = 0;
-                sync[1] = 0;
-            }
-        }
-        __syncthreads();
-    }
-#endif
 
     acc_t acc[2][MT][4];
 #pragma unroll
@@ -501,23 +356,19 @@ w8a8_gemv(const unsigned char* __restrict__ W, unsigned char* Xq, const void* __
 }
 """
 
-# W, Xq, Xin, w_scale, x_scale, bias, Y, partials, counters, sync; M, N, K, steps_per_split, bias_kind, x_stride
-SIGNATURE = "pppppppppp" + "iiiiii"
+# W, Xq, w_scale, x_scale, bias, Y, partials, counters; M, N, K, steps_per_split, bias_kind
+SIGNATURE = "p" * 8 + "i" * 5
 BIAS_KINDS = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 OUT_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
-TOKEN_MIN_BITS = 0x36924925   # float32(1 / (448 * 512)): the fp8 per-token scale floor, as the scheme rounds it
 SMEM_LIMIT = 48 * 1024        # static shared memory of one CTA
-SYNC_WORDS = 2 + MAX_M        # fused quantization: ticket, arrivals, one ready flag per token row
 
 
 # --------------------------------------------------------------------------------------------
 # Launch configuration (plain Python: tested on the CPU)
 # --------------------------------------------------------------------------------------------
 # WN x WK warps per CTA; UNROLL steps (of 64 K-bytes) per warp round, double-buffered in registers;
-# ctas_per_sm sizes the K split (about one resident wave); FUSED quantizes x inside the kernel, and
-# PREFETCH bytes of each weight row go to L2 meanwhile
-DEFAULT = {"WN": 1, "WK": 4, "UNROLL": 2, "ctas_per_sm": 4, "MINB": 1, "FP8_MODE": FP8_F16, "FUSED": 0,
-           "PREFETCH": 0}
+# ctas_per_sm sizes the K split (about one resident wave)
+DEFAULT = {"WN": 1, "WK": 4, "UNROLL": 2, "ctas_per_sm": 4, "MINB": 1, "FP8_MODE": FP8_F16}
 # (fp8|int8, N, K, MT): measured bests on an H200 (benchmarks/probe_w8a8_gemv.py --sweep, whole call
 # with the activation quantizer; the sweep's timings vary by ~5 % between runs)
 _M16 = {"WN": 2, "WK": 4, "UNROLL": 1, "ctas_per_sm": 2}
@@ -578,11 +429,10 @@ _KERNELS: dict = {}
 _LOCK = threading.Lock()
 
 
-def defines_for(fp8: bool, mt: int, out_dtype: torch.dtype, cfg: dict, in_dtype: torch.dtype | None = None) -> dict:
+def defines_for(fp8: bool, mt: int, out_dtype: torch.dtype, cfg: dict) -> dict:
     return {"IS_FP8": int(fp8), "FP8_MODE": int(cfg["FP8_MODE"]) if fp8 else 0, "MT": mt,
-            "OUT_KIND": OUT_KINDS[out_dtype], "IN_BF16": int((in_dtype or out_dtype) == torch.bfloat16),
-            "FUSED": int(cfg["FUSED"]), "WN": cfg["WN"], "WK": cfg["WK"], "UNROLL": cfg["UNROLL"],
-            "PREFETCH": int(cfg["PREFETCH"]), "MINB": cfg["MINB"], "TOKEN_MIN_BITS": f"{TOKEN_MIN_BITS:#x}u"}
+            "OUT_KIND": OUT_KINDS[out_dtype], "WN": cfg["WN"], "WK": cfg["WK"], "UNROLL": cfg["UNROLL"],
+            "MINB": cfg["MINB"]}
 
 
 def kernel_for(defines: dict):
@@ -597,36 +447,13 @@ def kernel_for(defines: dict):
     return kern
 
 
-_SYNC: dict = {}
-
-
-def sync_buffers(device: torch.device, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(split-K arrival counters, fused-quantization words) for `device` and the current stream:
-    zero between launches (each launch's last CTA resets what it used). Kernels on one stream
-    never overlap, so every layer shares them."""
-    if device.type == "cuda":
-        key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        key = (str(device), 0)
-    buf = _SYNC.get(key)
-    if buf is None or buf.numel() < n_tiles + SYNC_WORDS:
-        buf = torch.zeros(max(n_tiles + SYNC_WORDS, 4096), dtype=torch.int32, device=device)
-        _SYNC[key] = buf
-    return buf, buf[buf.numel() - SYNC_WORDS:]
-
-
-def _aligned(t: torch.Tensor) -> bool:
-    return t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and (t.dim() == 1 or t.stride(0) % 8 == 0)
-
-
 def run_gemv(x: torch.Tensor, p, bias: torch.Tensor | None, cfg: dict | None = None, xq=None,
-             out_dtype: torch.dtype | None = None, scratch=None) -> torch.Tensor:
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y[M, N] in x.dtype (or out_dtype: fp32 for diagnostics) for a prepared fp8 / int8 W8A8 weight
-    with dynamic per-token activations. With cfg FUSED (the default) the kernel quantizes x itself
-    (into `scratch` = (q [M, K], s_x [M]) when given: tests read them back); else x is quantized by
-    the Triton quantizer first (or given as xq = (q, s_x, azp))."""
+    with dynamic per-token activations; x is quantized by the fused Triton quantizer first (or
+    given as xq = (q, s_x, azp))."""
     from omniq.kernels import triton_w8a8 as w8a8
-    from omniq.kernels._common import sm_count
+    from omniq.kernels._common import sm_count, tile_counters
     m, k = x.shape
     if not 1 <= m <= MAX_M:
         raise KernelError(f"{where(p.name)}cuda.w8a8.gemv takes 1..{MAX_M} rows, got M={m}")
@@ -640,20 +467,9 @@ def run_gemv(x: torch.Tensor, p, bias: torch.Tensor | None, cfg: dict | None = N
                           f"K % {K_ALIGN} == 0 (K={k})")
     cfg = dict(cfg or config_for(m, p.n, k, p.fp8))
     dev = x.device
-    if xq is not None:
-        cfg["FUSED"] = 0
-    if cfg["FUSED"]:
-        if not _aligned(x):
-            x = x.contiguous()
-        if scratch is not None:
-            q, xs = scratch
-        else:
-            q = torch.empty(m, k, dtype=p.weight.dtype, device=dev)
-            xs = torch.empty(m, dtype=torch.float32, device=dev)
-    else:
-        q, xs, _ = xq if xq is not None else w8a8.quantize_prepared_activation(x, p)
-        if not q.is_contiguous():
-            q = q.contiguous()
+    q, xs, _ = xq if xq is not None else w8a8.quantize_prepared_activation(x, p)
+    if not q.is_contiguous():
+        q = q.contiguous()
     lc = launch_config(m, p.n, k, sm_count(dev), cfg)
     y = torch.empty(m, p.n, dtype=out_dtype or x.dtype, device=dev)
     bias_kind = 0
@@ -662,11 +478,10 @@ def run_gemv(x: torch.Tensor, p, bias: torch.Tensor | None, cfg: dict | None = N
             bias = bias.reshape(-1).float().contiguous()
         bias_kind = BIAS_KINDS[bias.dtype]
     partials = None
-    counters, sync = sync_buffers(dev, lc["grid"][0])
+    counters = tile_counters(dev, lc["grid"][0])
     if lc["split"] > 1:
         partials = torch.empty(lc["split"] * lc["grid"][0] * lc["outs_per_cta"], dtype=torch.float32, device=dev)
-    kern = kernel_for(defines_for(p.fp8, lc["mt"], y.dtype, cfg, x.dtype))
+    kern = kernel_for(defines_for(p.fp8, lc["mt"], y.dtype, cfg))
     kern(dev, lc["grid"], lc["block"],
-         [p.weight, q, x, p.w_scale, xs, bias, y, partials, counters, sync, m, p.n, k, lc["steps_per_split"],
-          bias_kind, x.stride(0)])
+         [p.weight, q, p.w_scale, xs, bias, y, partials, counters, m, p.n, k, lc["steps_per_split"], bias_kind])
     return y

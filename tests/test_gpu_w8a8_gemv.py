@@ -14,7 +14,7 @@ import omniq
 from omniq.kernels import cuda_w8a8_gemv as gemv
 from omniq.kernels import triton_w8a8 as w8a8
 
-from _int_util import activations, assert_within, error_bound, quantized, tie_rows
+from _int_util import activations, assert_within, error_bound, quantized
 from _scheme_util import make_tensor
 
 pytestmark = pytest.mark.gpu
@@ -67,12 +67,11 @@ def test_decode_shapes(key, n, k, m):
 
 
 @pytest.mark.parametrize("key,mode", [("fp8", gemv.FP8_F16), ("fp8", gemv.FP8_NATIVE), ("int8", gemv.FP8_F16)])
-@pytest.mark.parametrize("fused", [1, 0])
-@pytest.mark.parametrize("cfg", [dict(), dict(WN=2, WK=2, UNROLL=4, ctas_per_sm=2, PREFETCH=0),
-                                 dict(WK=8, UNROLL=1, ctas_per_sm=16, PREFETCH=64),
+@pytest.mark.parametrize("cfg", [dict(), dict(WN=2, WK=2, UNROLL=4, ctas_per_sm=2),
+                                 dict(WK=8, UNROLL=1, ctas_per_sm=16),
                                  dict(WN=1, WK=1, UNROLL=1, ctas_per_sm=1, max_split=1)])
-def test_variants_and_splits(key, mode, fused, cfg):
-    """Each fp8 MMA variant, the fused and the separate quantizer, and a spread of warp layouts /
+def test_variants_and_splits(key, mode, cfg):
+    """Each fp8 MMA variant and a spread of warp layouts /
     pipeline depths / K splits (one split included) against the reference, with an fp32 bias and
     heavy-tailed values (fp8 MMA accumulation precision included)."""
     # (int8 has one MMA path; `mode` picks among the fp8 ones, so int8 runs once per config)
@@ -83,36 +82,9 @@ def test_variants_and_splits(key, mode, fused, cfg):
     for m in (1, 8, 13):
         x = make_tensor((m, k), "heavy", m).to(torch.bfloat16)
         bias = make_tensor((n,), "normal", 3)
-        y = gemv.run_gemv(x.to(GPU), p, bias.to(GPU), cfg=dict(gemv.DEFAULT, **cfg, FP8_MODE=mode, FUSED=fused))
+        y = gemv.run_gemv(x.to(GPU), p, bias.to(GPU), cfg=dict(gemv.DEFAULT, **cfg, FP8_MODE=mode))
         ref = sch.matmul(x, qw, bias)
-        assert_within(y.cpu(), ref, error_bound(x, qw, ref, bias), f"{key} mode={mode} fused={fused} {cfg} M={m}")
-
-
-@pytest.mark.parametrize("key", ["fp8", "int8"])
-@pytest.mark.parametrize("dtype", HALF)
-def test_fused_quantizer_is_bit_exact(key, dtype):
-    """The kernel's own activation quantization (FUSED) gives the scheme's codes and scales bit for
-    bit: rounding ties, zero rows, outliers, more rows than producer CTAs."""
-    sch = _scheme(key)
-    k = 1008
-    qw = quantized(sch, 48, k, 0)
-    p = w8a8.prepare_w8a8(qw, GPU)
-    for x in (tie_rows("fp8" if key == "fp8" else "int8", 16, k, 1), make_tensor((16, k), "heavy", 2),
-              make_tensor((5, k), "zero_rows", 3), make_tensor((1, k), "grid", 4)):
-        if dtype == torch.float16 and x.abs().max() >= 6e4:
-            continue
-        x = x.to(dtype)
-        m = x.shape[0]
-        q = torch.full((m, k), 77, dtype=torch.int8, device=GPU).view(p.weight.dtype)
-        xs = torch.full((m,), -1.0, device=GPU)
-        for cfg in (dict(), dict(WN=1, WK=1, UNROLL=1, ctas_per_sm=1, max_split=1)):   # 3 CTAs: G < M
-            gemv.run_gemv(x.to(GPU), p, None, cfg=dict(gemv.DEFAULT, **cfg, FUSED=1), scratch=(q, xs))
-            got = (q.float() * xs[:, None]).cpu() if key == "fp8" else (q.double() * xs.double()[:, None]).float().cpu()
-            want = sch.quantize_activation(x, qw)
-            assert torch.equal(got, want), f"{key} {dtype} {cfg}: {int((got != want).sum())} values differ"
-            tq, ts, _ = w8a8.quantize_prepared_activation(x.to(GPU), p)
-            # same codes as the Triton quantizer (as values: e4m3 -0 and +0 may differ in sign bit only)
-            assert torch.equal(q.float(), tq.float()) and torch.equal(xs, ts)
+        assert_within(y.cpu(), ref, error_bound(x, qw, ref, bias), f"{key} mode={mode} {cfg} M={m}")
 
 
 def test_repeated_split_launches_reset_their_counters():
@@ -125,7 +97,7 @@ def test_repeated_split_launches_reset_their_counters():
     ref = sch.matmul(x, qw)
     first = None
     for i in range(6):
-        cfg = dict(gemv.DEFAULT, ctas_per_sm=8 if i % 2 else 3, FUSED=i % 3 != 0)
+        cfg = dict(gemv.DEFAULT, ctas_per_sm=8 if i % 2 else 3)
         y = gemv.run_gemv(x.to(GPU), p, None, cfg=cfg).cpu()
         assert_within(y, ref, error_bound(x, qw, ref, None), f"launch {i}")
         if i % 2:
