@@ -70,6 +70,7 @@ import torch.nn.functional as F
 import omniq
 from omniq.cli import TUNE_M, TUNE_SHAPES, _value, default_device
 from omniq.dispatch import Problem, candidates
+from omniq.dispatch.select import capture_graph
 
 # Every registered family with its common parameters (DiT / LLM checkpoints as published).
 DEFAULT_SCHEMES = (
@@ -475,31 +476,9 @@ def _replay_us(g, n: int) -> list[float]:
     return [s.elapsed_time(e) * 1e3 for s, e in ev]
 
 
-def _capture(fns, device, rounds: int = 1):
-    """A CUDA graph of `rounds` passes over the callables fns (each warmed up on a side stream
-    first, as capture requires), or None when capture fails."""
-    try:
-        s = torch.cuda.Stream(device)
-        s.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(s):
-            for f in fns:  # a copy's first call may set up per-object state (workspaces, caches)
-                f()
-        torch.cuda.current_stream(device).wait_stream(s)
-        sync(device)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(rounds):
-                for f in fns:
-                    f()
-        g.replay()
-        sync(device)
-        return g
-    except Exception:  # a kernel that allocates or syncs during capture: time it eagerly
-        try:
-            sync(device)
-        except Exception:
-            pass
-        return None
+# one graph of `rounds` passes over fns, or None when capture fails: the dispatcher's own helper,
+# so tuning trials and this benchmark capture the same way (a module name tests can replace)
+_capture = capture_graph
 
 
 def max_rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -143,7 +143,8 @@ def time_kernel(kernel: Kernel, x: torch.Tensor, prepared, reps: int = 10, warmu
         kernel.run(x, prepared, None)
     samples = []
     if x.device.type == "cuda":
-        graph, inner = _graph_of(lambda: kernel.run(x, prepared, None), x.device, calls=8)
+        graph = capture_graph([lambda: kernel.run(x, prepared, None)], x.device, rounds=8)
+        inner = 8 if graph is not None else 1
         for _ in range(reps):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
@@ -163,24 +164,32 @@ def time_kernel(kernel: Kernel, x: torch.Tensor, prepared, reps: int = 10, warmu
     return samples[len(samples) // 2]
 
 
-def _graph_of(fn, device: torch.device, calls: int):
-    """(CUDA graph of `calls` calls of fn, calls), or (None, 1) when fn cannot be captured."""
+def capture_graph(fns, device: torch.device, rounds: int = 1):
+    """A CUDA graph of `rounds` passes over the callables `fns` (each warmed up once on a side
+    stream first, as capture requires; a first call may set up per-object state), replayed once,
+    or None when one of them cannot be captured (it syncs or allocates host memory)."""
     try:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            fn()
+            for f in fns:
+                f()
         torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            for _ in range(calls):
-                fn()
+            for _ in range(rounds):
+                for f in fns:
+                    f()
         g.replay()
         torch.cuda.synchronize(device)
-        return g, calls
-    except Exception:  # noqa: BLE001 - a kernel that syncs or allocates host memory: time it eagerly
-        torch.cuda.synchronize(device)
-        return None, 1
+        return g
+    except Exception:  # noqa: BLE001 - timed eagerly instead
+        try:
+            torch.cuda.synchronize(device)
+        except Exception:  # noqa: BLE001 - a failed capture can leave the stream unusable for a moment
+            pass
+        return None
 
 
 def trial(problem: Problem, cands: list[Kernel], prepared_for: dict, save: bool = True) -> dict[str, float]:
