@@ -234,30 +234,33 @@ class _Int8W8A8(_Int8):
         return _finish(_int8_epilogue(acc, q, s, azp, p), bias, x.dtype)
 
 
-@register_kernel
-class Int8IntMM(_Int8W8A8):
-    """int8 W8A8: y = epilogue(torch._int_mm(x_q, W_q^T))."""
-    name = "cpu.int8.int_mm"
-    priority = 30
+class _IntMM(_Int8W8A8):
+    """The int8 W8A8 kernels on torch._int_mm."""
 
     def can_implement(self, pr):
         if pr.k == 1:
             # torch 2.13's CPU _int_mm returns garbage for K = 1 (either operand order, contiguous
             # or not; seen against an exact int32 matmul): fbgemm and the dequant path run it
             return "K=1: torch._int_mm on the CPU returns wrong sums for a single input feature"
-        return _Int8W8A8.can_implement(self, pr)
+        return super().can_implement(pr)
+
+
+@register_kernel
+class Int8IntMM(_IntMM):
+    """int8 W8A8: y = epilogue(torch._int_mm(x_q, W_q^T))."""
+    name = "cpu.int8.int_mm"
+    priority = 30
 
     def gemm(self, q, w):
         return torch._int_mm(q, w.t())
 
 
 @register_kernel
-class Int8IntMMTransposed(_Int8W8A8):
+class Int8IntMMTransposed(_IntMM):
     """int8 W8A8 as (W_q @ x_q^T)^T: the weight is the row-major A operand, which oneDNN streams
     well for a handful of rows; the epilogue reads the [N, M] product transposed."""
     name = "cpu.int8.int_mm_t"
     priority = 31
-    can_implement = Int8IntMM.can_implement
 
     def gemm(self, q, w):
         return torch._int_mm(w, q.t()).t()
