@@ -162,3 +162,31 @@ def fake_from_kernel(qw, p, x):
     if azp is not None:
         qd = qd - azp.double()[:, None]
     return qd.float() * s[:, None]
+
+
+def check_graph_replay(sch, qw, ms, dot_rel: float = 0.0, kernel: str | None = None):
+    """Capture omniq.linear at each M in a CUDA graph (the choice made and the kernel compiled
+    outside the capture), replay with new inputs twice, and compare every replay with
+    scheme.matmul. `kernel` pins one kernel; `dot_rel` as in error_bound."""
+    gpu = torch.device("cuda")
+    k = qw.shape[1]
+    p = omniq.prepare(qw, gpu, torch.bfloat16, kernel=kernel)
+    static_x = {m: torch.zeros(m, k, device=gpu, dtype=torch.bfloat16) for m in ms}
+    for xs in static_x.values():
+        omniq.linear(xs, p)
+    torch.cuda.synchronize()
+    graphs, outs = {}, {}
+    for m, xs in static_x.items():
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs[m] = omniq.linear(xs, p)
+        graphs[m] = g
+    for trial in range(2):
+        for m, xs in static_x.items():
+            x = make_tensor((m, k), "normal", 100 * trial + m).to(torch.bfloat16)
+            xs.copy_(x.to(gpu))
+            graphs[m].replay()
+            torch.cuda.synchronize()
+            ref = sch.matmul(x, qw)
+            assert_within(outs[m].cpu(), ref, error_bound(x, qw, ref, None, dot_rel),
+                          f"graph replay {sch.key} M={m} {kernel or ''}")

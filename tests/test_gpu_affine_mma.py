@@ -13,7 +13,7 @@ import omniq
 from omniq.kernels import cuda_affine_mma as mma
 from omniq.kernels import triton_affine as affine
 
-from _int_util import activations, assert_within, error_bound, quantized
+from _int_util import activations, assert_within, check_graph_replay, error_bound, quantized
 from _scheme_util import make_tensor
 
 GPU = torch.device("cuda")
@@ -78,21 +78,7 @@ def test_mma_gemv_graph_replay():
     sch = omniq.get_scheme("gptq", bits=4, group_size=128)
     n, k = 1024, 2048
     qw = quantized(sch, n, k, 3)
-    with omniq.use_kernel(KERNEL):
-        p = omniq.prepare(qw, GPU, torch.bfloat16)
-    xs = torch.zeros(4, k, device=GPU, dtype=torch.bfloat16)
-    omniq.linear(xs, p)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = omniq.linear(xs, p)
-    for seed in (1, 2):
-        x = make_tensor((4, k), "normal", seed).to(torch.bfloat16)
-        xs.copy_(x.to(GPU))
-        g.replay()
-        torch.cuda.synchronize()
-        ref = sch.matmul(x, qw)
-        assert_within(out.cpu(), ref, error_bound(x, qw, ref, None), "graph replay")
+    check_graph_replay(sch, qw, (1, 4, 16), kernel=KERNEL)
 
 
 # ---- CPU: launch arithmetic and reasons ------------------------------------------------------

@@ -14,7 +14,7 @@ import omniq
 from omniq.kernels import cuda_w8a8_gemv as gemv
 from omniq.kernels import triton_w8a8 as w8a8
 
-from _int_util import activations, assert_within, error_bound, quantized
+from _int_util import activations, assert_within, check_graph_replay, error_bound, quantized
 from _scheme_util import make_tensor
 
 pytestmark = pytest.mark.gpu
@@ -110,26 +110,7 @@ def test_cuda_graph_capture_and_replay(key):
     sch = _scheme(key)
     n, k = 1536, 2048
     qw = quantized(sch, n, k, 21)
-    with omniq.use_kernel(KERNEL):
-        p = omniq.prepare(qw, GPU, torch.bfloat16)
-        static_x = {m: torch.zeros(m, k, device=GPU, dtype=torch.bfloat16) for m in (1, 7, 16)}
-        for xs in static_x.values():   # compile and choose outside the capture
-            omniq.linear(xs, p)
-        torch.cuda.synchronize()
-        graphs, outs = {}, {}
-        for m, xs in static_x.items():
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                outs[m] = omniq.linear(xs, p)
-            graphs[m] = g
-    for trial in range(2):
-        for m, xs in static_x.items():
-            x = make_tensor((m, k), "normal", 100 * trial + m).to(torch.bfloat16)
-            xs.copy_(x.to(GPU))
-            graphs[m].replay()
-            torch.cuda.synchronize()
-            ref = sch.matmul(x, qw)
-            assert_within(outs[m].cpu(), ref, error_bound(x, qw, ref, None), f"graph replay {key} M={m}")
+    check_graph_replay(sch, qw, (1, 7, 16), kernel=KERNEL)
 
 
 def test_dispatcher_picks_it_for_decode_m():
