@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from omniq.errors import KernelError, where
 from omniq.kernels import cuda_common
-from omniq.kernels.cuda_common import PRELUDE, ROWS_PER_CTA, TARGET_CTAS, splitk_buffers  # noqa: F401
+from omniq.kernels.cuda_common import PRELUDE, ROWS_PER_CTA, TARGET_CTAS  # noqa: F401 - read here by tests, probes
 from omniq.kernels.nvrtc import NvrtcKernel
 
 SOURCE = PRELUDE + r"""
@@ -193,25 +192,15 @@ def unsupported(p) -> str | None:
 
 def run(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
     """y[M, N] = x @ W^T (+ bias) for M <= 16, x bf16 / fp16 [M, K]."""
-    why = cuda_common.prepared_reason(p, "cuda.affine.mma_gemv", unsupported)
-    if why:
-        raise KernelError(f"{where(p.name)}cuda.affine.mma_gemv: {why}")
-    m, k = x.shape
-    if m > MAX_M:
-        raise KernelError(f"{where(p.name)}cuda.affine.mma_gemv: M={m} > {MAX_M}")
+    k = x.shape[1]
     if p.perm is not None:
         x = x.index_select(1, p.perm)
     if k % 4:  # 8-byte x loads: rows padded to 4 elements (the padding meets zero codes)
         x = torch.nn.functional.pad(x, (0, 4 - k % 4))
-    x = x.contiguous()
-    if x.data_ptr() % 16:
-        x = x.clone()
-    n, kw = p.n, p.qweight.shape[1]
+    x = cuda_common.checked_input("cuda.affine.mma_gemv", p, x, unsupported, MAX_M)
+    m, n, kw = x.shape[0], p.n, p.qweight.shape[1]
     tiles, splits, bps, mt = launch_config(m, n, kw, TARGET_CTAS)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ws, cnt = splitk_buffers(x.device, splits, m, n, tiles)
-    if bias is not None:
-        bias = bias.to(x.dtype).contiguous()
+    y, ws, cnt, bias = cuda_common.outputs(x, n, splits, tiles, bias)
     kern = variant(x.dtype == torch.bfloat16, mt, p.zmode, p.scales.dtype, bias is not None)
     g = p.group_size if p.n_groups > 1 else 1 << 30
     kern(x.device, (tiles, splits), (128,),

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from omniq.errors import KernelError, where
+
 PRELUDE = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -124,6 +126,30 @@ def prepared_reason(p, kernel: str, unsupported) -> str | None:
     if key not in p.__dict__:
         p.__dict__[key] = unsupported(p)
     return p.__dict__[key]
+
+
+def checked_input(kernel: str, p, x: torch.Tensor, unsupported, max_m: int) -> torch.Tensor:
+    """x [M, K] as the kernels read it (contiguous, 16-byte aligned), after the checks every
+    GEMV makes: the prepared form (`unsupported(p)`, once per weight), M, the dtype."""
+    why = prepared_reason(p, kernel, unsupported)
+    if why:
+        raise KernelError(f"{where(p.name)}{kernel}: {why}")
+    if x.shape[0] > max_m:
+        raise KernelError(f"{where(p.name)}{kernel}: M={x.shape[0]} > {max_m}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise KernelError(f"{where(p.name)}{kernel}: activations must be bf16 or fp16, not {x.dtype}")
+    x = x.contiguous()
+    return x.clone() if x.data_ptr() % 16 else x
+
+
+def outputs(x: torch.Tensor, n: int, splits: int, tiles: int, bias: torch.Tensor | None):
+    """(y [M, N] in x's dtype, split-K workspace, counters, bias in x's dtype or None)."""
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    ws, cnt = splitk_buffers(x.device, splits, m, n, tiles)
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    return y, ws, cnt, bias
 
 
 def splitk_buffers(device: torch.device, splits: int, m: int, n: int, tiles: int):

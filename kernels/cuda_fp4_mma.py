@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from omniq.errors import KernelError, where
 from omniq.kernels.nvrtc import NvrtcKernel
 from omniq.kernels import cuda_common
-from omniq.kernels.cuda_common import PRELUDE, ROWS_PER_CTA, TARGET_CTAS, splitk_buffers  # noqa: F401
+from omniq.kernels.cuda_common import PRELUDE, ROWS_PER_CTA, TARGET_CTAS  # noqa: F401 - read here by tests, probes
 from omniq.kernels.triton_mx import FMT_MXFP4, FMT_NVFP4, PTX_FP4_BF16, PTX_FP4_F16, REXP_NAN
 
 
@@ -254,23 +253,10 @@ def unsupported(p) -> str | None:
 
 def run(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
     """y[M, N] = x @ W^T (+ bias) for M <= 16, x bf16 / fp16 [M, K], W in triton.fp4.v1."""
-    why = cuda_common.prepared_reason(p, "cuda.fp4.mma_gemv", unsupported)
-    if why:
-        raise KernelError(f"{where(p.name)}cuda.fp4.mma_gemv: {why}")
-    m, k = x.shape
-    if m > MAX_M:
-        raise KernelError(f"{where(p.name)}cuda.fp4.mma_gemv: M={m} > {MAX_M}")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise KernelError(f"{where(p.name)}cuda.fp4.mma_gemv: activations must be bf16 or fp16, not {x.dtype}")
-    x = x.contiguous()
-    if x.data_ptr() % 16:
-        x = x.clone()
-    n, kb = p.n, p.qweight.shape[1]
+    x = cuda_common.checked_input("cuda.fp4.mma_gemv", p, x, unsupported, MAX_M)
+    (m, k), n, kb = x.shape, p.n, p.qweight.shape[1]
     tiles, splits, bps, mt = launch_config(m, n, kb, TARGET_CTAS)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ws, cnt = splitk_buffers(x.device, splits, m, n, tiles)
-    if bias is not None:
-        bias = bias.to(x.dtype).contiguous()
+    y, ws, cnt, bias = cuda_common.outputs(x, n, splits, tiles, bias)
     kern = variant(x.dtype == torch.bfloat16, mt, p.fmt, p.h, bias is not None)
     kern(x.device, (tiles, splits), (128,),
          [x, p.qweight, p.scales, p.rexp, bias, y, ws, cnt,
