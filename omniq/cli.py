@@ -185,7 +185,8 @@ def cmd_tune(args, extra) -> int:
                     out[problem.key()] = {"kernel": best, "times_us": times}
                     print(f"[{done}/{total}] {scheme.name} {n}x{k} M={m}: {best} {times[best]:.1f} us",
                           file=sys.stderr)
-    path = tuning.record(device, out, args.output)
+            # merged after every shape, so an interrupted run keeps what it measured
+            path = tuning.record(device, out, args.output)
     print(f"wrote {len(out)} entries to {path}")
     return 0
 
