@@ -11,3 +11,4 @@ for _name in BACKENDS:
     import_module(f"omniq.backends.{_name}")
 import_module("omniq.backends.cuda_gemv_w8a8")  # noqa: E402  cuda.w8a8.gemv (NVRTC)
 import_module("omniq.backends.cuda_fp4")  # noqa: E402  cuda.fp4.mma_gemv (NVRTC)
+import_module("omniq.backends.cuda_mxfp8")  # noqa: E402  cuda.mxfp8.gemv (NVRTC)

@@ -1,18 +1,29 @@
-"""cuda.w8a8.gemv on a CUDA GPU: speed against bf16 cuBLAS and triton.w8a8.splitk, a config
-sweep (feeds TUNED in kernels/cuda_w8a8_gemv.py) and an accuracy check of the fp8 variants.
+"""cuda.w8a8.gemv on a CUDA GPU: the cost of the activation quantizer with and without
+Programmatic Dependent Launch, a config sweep (feeds TUNED in kernels/cuda_w8a8_gemv.py) and an
+accuracy check of the fp8 variants.
 
-    python benchmarks/probe_w8a8_gemv.py                 # table: 3 shapes x M in (1, 4, 8, 16), < 60 s
+    python benchmarks/probe_w8a8_gemv.py --json out.json   # 3 shapes x M in (1, 4, 16) x configs, < 90 s
     python benchmarks/probe_w8a8_gemv.py --sweep         # kernel-only configs per (scheme, shape, M tiles)
     python benchmarks/probe_w8a8_gemv.py --check         # every variant vs an fp64 reference (fp32 out)
 
-Times are medians of CUDA-graph replays over rotating weight copies (more bytes than L2), as
-in probe_int.py. 'gemv' is the whole omniq.linear call with the kernel pinned (the Triton
-activation quantizer, then the GEMV); 'kernel' is the GEMV alone on an already quantized
-activation.
+Times are medians of CUDA-graph replays over rotating weight copies (more bytes than L2), as in
+probe_int.py. One line per (scheme, shape, M, config):
+  bf16            F.linear on a bf16 weight (the baseline of 'x bf16')
+  q:triton q:cuda the activation quantizer alone (Triton, one CTA per row / CUDA, several per row)
+  kernel          the GEMV alone on an already quantized activation (plain launch)
+  tri             the previous whole call: Triton quantizer, plain GEMV launch
+  tri+pdl         Triton quantizer, GEMV launched with PDL (starts when the quantizer's CTAs exit)
+  cuda            CUDA quantizer, plain GEMV launch
+  cuda+pdl/P      CUDA quantizer (lets dependents launch at once), PDL GEMV, P weight rounds
+                  prefetched to L2 before griddepcontrol.wait
+  default         omniq.linear with the kernel pinned (what the dispatcher runs)
+'err' is max|y - ref| / max|ref| against scheme.matmul (fp32 on the GPU: quantize_activation of the
+scheme, dequantized weight).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -24,6 +35,10 @@ from probe_int import bench, copies_for  # noqa: E402
 
 SHAPES = [(8192, 8192), (12288, 3072), (3072, 12288)]
 DEV = torch.device("cuda")
+CONFIGS = [("tri", dict(pdl=False, quant="triton")), ("tri+pdl", dict(pdl=True, quant="triton", PREFETCH=0)),
+           ("cuda", dict(pdl=False, quant="cuda")), ("cuda+pdl/0", dict(pdl=True, quant="cuda", PREFETCH=0)),
+           ("cuda+pdl/2", dict(pdl=True, quant="cuda", PREFETCH=2)),
+           ("cuda+pdl/4", dict(pdl=True, quant="cuda", PREFETCH=4))]
 
 
 def _setup(name, n, k, copies=None):
@@ -34,35 +49,85 @@ def _setup(name, n, k, copies=None):
     return sch, qw, reps
 
 
-def table(ms, names):
+def table(ms, names, out_path, budget):
     import omniq
     from omniq.kernels import cuda_w8a8_gemv as G
+    from omniq.kernels import nvrtc
     from omniq.kernels import triton_w8a8 as W
-    print(f"{'scheme':6} {'N x K':>12} {'M':>3} {'bf16':>8} {'gemv':>8} {'kernel':>8} {'splitk':>8} "
-          f"{'x bf16':>7} {'x splitk':>8}")
+    t0 = time.time()
+    rows = []
+    meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+            "pdl_fallback": nvrtc.pdl_reason(DEV)}
+    print("PDL:", meta["pdl_fallback"] or "available")
+
+    def save():
+        if out_path:
+            with open(out_path, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=0)
+
+    def row(name, n, k, m, cfg, us, bf, err=None, fail=None):
+        r = dict(scheme=name, n=n, k=k, m=m, config=cfg, us=us, speedup=(bf / us if us else None), err=err, fail=fail)
+        rows.append(r)
+        save()
+        if fail:
+            print(f"{name:5} {n:>5}x{k:<6} M={m:<3} {cfg:12} FAILED {fail}", flush=True)
+        else:
+            e = "" if err is None else f" err {err:.2e}" + ("  WRONG" if err > 2e-2 else "")
+            print(f"{name:5} {n:>5}x{k:<6} M={m:<3} {cfg:12} {us:8.2f} us {bf / us:6.2f}x bf16{e}", flush=True)
+
     for n, k in SHAPES:
-        wbs = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02
-               for _ in range(copies_for(n * k * 2))]
+        wbs = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02 for _ in range(copies_for(n * k * 2))]
         for name in names:
+            if time.time() - t0 > budget:
+                print("budget spent")
+                return rows
             sch, qw, reps = _setup(name, n, k)
+            wdq = sch.dequantize(qw).to(DEV)
             gp = [omniq.prepare(qw, DEV, torch.bfloat16, kernel="cuda.w8a8.gemv") for _ in range(reps)]
-            sp = [omniq.prepare(qw, DEV, torch.bfloat16, kernel="triton.w8a8.splitk") for _ in range(reps)]
             for m in ms:
+                if time.time() - t0 > budget:
+                    print("budget spent")
+                    return rows
                 x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+                ref = sch.quantize_activation(x.cpu(), qw).to(DEV) @ wdq.t()
+
+                def err_of(y):
+                    return float((y.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+
                 bf = bench([lambda w=w: torch.nn.functional.linear(x, w) for w in wbs])
-                ref = sch.matmul(x.cpu(), qw).float()
-                y = omniq.linear(x, gp[0]).float().cpu()
-                err = float((y - ref).norm() / ref.norm().clamp(min=1e-30))
-                full = bench([lambda p=p: omniq.linear(x, p) for p in gp])
-                xq = W.quantize_prepared_activation(x, gp[0].data)
-                kern = bench([lambda p=p: G.run_gemv(x, p.data, None, xq=xq) for p in gp])
-                spl = bench([lambda p=p: omniq.linear(x, p) for p in sp])
-                flag = "" if err < 1e-2 else f"  WRONG rel err {err:.3g}"
-                print(f"{name:6} {n:>5}x{k:<6} {m:>3} {bf:8.2f} {full:8.2f} {kern:8.2f} {spl:8.2f} "
-                      f"{bf / full:7.2f} {spl / full:8.2f}{flag}", flush=True)
-            del gp, sp
+                row(name, n, k, m, "bf16", bf, bf)
+                row(name, n, k, m, "q:triton", bench([lambda: W.quantize_prepared_activation(x, gp[0].data)]), bf)
+                try:
+                    row(name, n, k, m, "q:cuda", bench([lambda: G.quantize_cuda(x, gp[0].data.fp8)]), bf)
+                except Exception as e:  # report, go on
+                    row(name, n, k, m, "q:cuda", None, bf, fail=f"{type(e).__name__}: {str(e)[:300]}")
+                base = G.config_for(m, n, k, gp[0].data.fp8)
+                try:
+                    xq = W.quantize_prepared_activation(x, gp[0].data)
+                    kc = dict(base, pdl=False)
+                    us = bench([lambda p=p: G.run_gemv(x, p.data, None, cfg=kc, xq=xq) for p in gp])
+                    row(name, n, k, m, "kernel", us, bf, err_of(G.run_gemv(x, gp[0].data, None, cfg=kc, xq=xq)))
+                except Exception as e:
+                    row(name, n, k, m, "kernel", None, bf, fail=f"{type(e).__name__}: {str(e)[:300]}")
+                for cname, sw in CONFIGS:
+                    cfg = dict(base, **sw)
+                    try:
+                        y = G.run_gemv(x, gp[0].data, None, cfg=cfg)
+                        us = bench([lambda p=p: G.run_gemv(x, p.data, None, cfg=cfg) for p in gp])
+                        row(name, n, k, m, cname, us, bf, err_of(y))
+                    except Exception as e:
+                        row(name, n, k, m, cname, None, bf, fail=f"{type(e).__name__}: {str(e)[:300]}")
+                try:
+                    y = omniq.linear(x, gp[0])
+                    us = bench([lambda p=p: omniq.linear(x, p) for p in gp])
+                    row(name, n, k, m, "default", us, bf, err_of(y))
+                except Exception as e:
+                    row(name, n, k, m, "default", None, bf, fail=f"{type(e).__name__}: {str(e)[:300]}")
+            del gp, wdq
         del wbs
         torch.cuda.empty_cache()
+    print(f"done in {time.time() - t0:.0f} s")
+    return rows
 
 
 SWEEP = [dict(WN=wn, WK=wk, UNROLL=u, ctas_per_sm=c)
@@ -143,18 +208,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--check", action="store_true")
-    ap.add_argument("--ms", default="1,4,8,16")
+    ap.add_argument("--ms", default="1,4,16")
+    ap.add_argument("--json", help="write the table's rows here (rewritten after every row)")
     ap.add_argument("--schemes", default="fp8,int8")
     ap.add_argument("--modes", default="0")
-    ap.add_argument("--budget", type=float, default=240)
+    ap.add_argument("--budget", type=float, default=None, help="seconds (table: 65, sweep: 240)")
     a = ap.parse_args()
     names = a.schemes.split(",")
     if a.check:
         check()
     if a.sweep:
-        sweep(names, tuple(int(v) for v in a.modes.split(",")), a.budget)
+        sweep(names, tuple(int(v) for v in a.modes.split(",")), a.budget or 240)
     if not (a.check or a.sweep):
-        table(tuple(int(v) for v in a.ms.split(",")), names)
+        table(tuple(int(v) for v in a.ms.split(",")), names, a.json, a.budget or 65)
 
 
 if __name__ == "__main__":

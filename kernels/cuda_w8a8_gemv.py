@@ -63,7 +63,8 @@ FP8_F16, FP8_NATIVE = 0, 2   # FP8_MODE: e4m3 -> f16 (exact cvt) + f16 MMA, or t
 CUDA_SOURCE = r"""
 // omniq W8A8 GEMV for M <= 16 (see omniq/kernels/cuda_w8a8_gemv.py for the layout argument).
 // Defines: IS_FP8, FP8_MODE (0: cvt to f16 + f16 MMA, 2: e4m3 MMA), MT (1: M <= 8, 2: M <= 16),
-// OUT_KIND (0 fp16, 1 bf16, 2 fp32), WN, WK, UNROLL, MINB.
+// OUT_KIND (0 fp16, 1 bf16, 2 fp32), WN, WK, UNROLL, MINB, PREFETCH (weight rounds sent to L2
+// before griddepcontrol.wait; 0: none).
 typedef unsigned int u32;
 typedef unsigned short u16;
 struct U4 { u32 x, y, z, w; };
@@ -100,6 +101,29 @@ __device__ __forceinline__ U4 ld_act(const unsigned char* p, int ok) {
                  " @p ld.global.ca.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "r"(ok) : "memory");
     return r;
+}
+
+// the first round of weights, issued before griddepcontrol.wait: volatile keeps it there
+__device__ __forceinline__ U4 ld_weight_first(const unsigned char* p, int ok) {
+    U4 r;
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
+                 " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+                 " @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "r"(ok));
+    return r;
+}
+
+__device__ __forceinline__ void prefetch_l2(const unsigned char* p) {
+    asm volatile("prefetch.global.L2::evict_normal [%0];\n" :: "l"(p));
+}
+
+// Programmatic Dependent Launch: under a PDL launch this CTA may run before the previous kernel
+// on the stream (the activation quantizer) has finished; everything that kernel writes, and
+// every write of this one, comes after the wait. Without PDL it returns at once.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ float ld_cg(const float* p) {
@@ -240,6 +264,31 @@ __device__ __forceinline__ void load_w(Frag& f, int s, int s_end, int K, int kt,
     }
 }
 
+__device__ __forceinline__ void load_w_first(Frag& f, int s, int s_end, int K, int kt, const unsigned char* wa,
+                                             const unsigned char* wb) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        const int ss = s + u;
+        const int ok = (ss < s_end) && (ss * STEP + kt < K);
+        const long long off = (long long)ss * STEP;
+        f.wa[u] = ld_weight_first(wa + off, ok);
+        f.wb[u] = ld_weight_first(wb + off, ok);
+    }
+#if PREFETCH
+    // the next PREFETCH rounds go to L2 while the CTA waits for the quantizer
+#pragma unroll
+    for (int r = 1; r <= PREFETCH; ++r)
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int ss = s + r * STRIDE + u;
+            if (ss < s_end && ss * STEP + kt < K) {
+                prefetch_l2(wa + (long long)ss * STEP);
+                prefetch_l2(wb + (long long)ss * STEP);
+            }
+        }
+#endif
+}
+
 __device__ __forceinline__ void load_x(Frag& f, int s, int s_end, int K, int kt, const unsigned char* xa,
                                        const unsigned char* xb) {
 #pragma unroll
@@ -290,7 +339,8 @@ w8a8_gemv(const unsigned char* __restrict__ W, unsigned char* Xq,
 
     Frag cur, nxt;
     int s = s_begin + wk * UNROLL;
-    load_w(cur, s, s_end, K, kt, wa, wb);   // the weight stream starts first
+    load_w_first(cur, s, s_end, K, kt, wa, wb);   // the weight stream starts first (it needs no quantizer)
+    grid_dependency_wait();
 
     acc_t acc[2][MT][4];
 #pragma unroll
@@ -358,6 +408,94 @@ w8a8_gemv(const unsigned char* __restrict__ W, unsigned char* Xq,
 
 # W, Xq, w_scale, x_scale, bias, Y, partials, counters; M, N, K, steps_per_split, bias_kind
 SIGNATURE = "p" * 8 + "i" * 5
+
+QUANT_SOURCE = r"""
+// omniq dynamic per-token activation quantizer for cuda.w8a8.gemv (symmetric int8 / e4m3), bit-exact
+// with the schemes' quantize_activation. Grid (C, M): every CTA of row m reads the whole row for its
+// amax (no CTA waits on another), then casts the 16-byte vectors v = tid + QT (c + C i).
+// Defines: IS_FP8, BF16 (x is bf16, else fp16), QT (threads).
+typedef unsigned int u32;
+
+__device__ __forceinline__ float lo_f(u32 w) {
+#if BF16
+    return __uint_as_float(w << 16);
+#else
+    float f; asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %1;\n cvt.f32.f16 %0, l;\n}\n" : "=f"(f) : "r"(w)); return f;
+#endif
+}
+__device__ __forceinline__ float hi_f(u32 w) {
+#if BF16
+    return __uint_as_float(w & 0xffff0000u);
+#else
+    float f; asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %1;\n cvt.f32.f16 %0, h;\n}\n" : "=f"(f) : "r"(w)); return f;
+#endif
+}
+__device__ __forceinline__ float amax2(u32 w, float a) { return fmaxf(a, fmaxf(fabsf(lo_f(w)), fabsf(hi_f(w)))); }
+
+#if IS_FP8
+// two scaled values -> two e4m3 codes (RNE; the clamp makes the cast saturating), lo in the low byte
+__device__ __forceinline__ u32 code2(u32 w, float s, float inv) {
+    const float a = fminf(fmaxf(__fdiv_rn(lo_f(w), s), -448.f), 448.f);
+    const float b = fminf(fmaxf(__fdiv_rn(hi_f(w), s), -448.f), 448.f);
+    unsigned short h;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(h) : "f"(b), "f"(a));
+    return h;
+}
+#else
+__device__ __forceinline__ u32 code1(float x, float inv) {
+    const int r = __float2int_rn(__fmul_rn(x, inv));   // x * (127 / amax), rounded once, then rint
+    return (u32)(min(max(r, -128), 127) & 0xff);
+}
+__device__ __forceinline__ u32 code2(u32 w, float s, float inv) {
+    return code1(lo_f(w), inv) | (code1(hi_f(w), inv) << 8);
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(QT)
+w8a8_quant_act(const unsigned short* __restrict__ X, unsigned char* __restrict__ Q, float* __restrict__ S,
+               int K, int ldx, float token_min) {
+#if __CUDA_ARCH__ >= 900
+    // a GEMV launched with PDL may start now and stream its weights; its griddepcontrol.wait
+    // still waits for this whole grid to finish and its writes to be visible
+    asm volatile("griddepcontrol.launch_dependents;\n");
+#endif
+    __shared__ float part[QT / 32];
+    const int m = blockIdx.y, c = blockIdx.x, C = gridDim.x, tid = threadIdx.x;
+    const uint4* xr = (const uint4*)(X + (long long)m * ldx);
+    const int V = K >> 3;
+    float a = 0.f;
+#pragma unroll 4
+    for (int v = tid; v < V; v += QT) {
+        const uint4 d = __ldg(xr + v);
+        a = amax2(d.x, a); a = amax2(d.y, a); a = amax2(d.z, a); a = amax2(d.w, a);
+    }
+#pragma unroll
+    for (int o = 16; o; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+    if ((tid & 31) == 0) part[tid >> 5] = a;
+    __syncthreads();
+    a = part[0];
+#pragma unroll
+    for (int w = 1; w < QT / 32; ++w) a = fmaxf(a, part[w]);
+#if IS_FP8
+    const float s = fmaxf(__fdiv_rn(a, 448.f), token_min), inv = 0.f;
+#else
+    const float s = __fdiv_rn(a, 127.f), inv = a > 0.f ? __fdiv_rn(127.f, a) : 0.f;
+#endif
+    if (c == 0 && tid == 0) S[m] = s;
+    uint2* qr = (uint2*)(Q + (long long)m * K);
+    for (int v = tid + c * QT; v < V; v += C * QT) {
+        const uint4 d = __ldg(xr + v);
+        uint2 o;
+        o.x = code2(d.x, s, inv) | (code2(d.y, s, inv) << 16);
+        o.y = code2(d.z, s, inv) | (code2(d.w, s, inv) << 16);
+        qr[v] = o;
+    }
+}
+"""
+# X, Q, S; K, ldx, token_min
+QUANT_SIGNATURE = "ppp" + "ii" + "f"
+QUANT_THREADS = 256
+QUANTIZERS = ("cuda", "triton")
 BIAS_KINDS = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 OUT_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 SMEM_LIMIT = 48 * 1024        # static shared memory of one CTA
@@ -368,7 +506,11 @@ SMEM_LIMIT = 48 * 1024        # static shared memory of one CTA
 # --------------------------------------------------------------------------------------------
 # WN x WK warps per CTA; UNROLL steps (of 64 K-bytes) per warp round, double-buffered in registers;
 # ctas_per_sm sizes the K split (about one resident wave)
-DEFAULT = {"WN": 1, "WK": 4, "UNROLL": 2, "ctas_per_sm": 4, "MINB": 1, "FP8_MODE": FP8_F16}
+# pdl: launch the GEMV with Programmatic Dependent Launch (sm_90+; elsewhere a plain launch);
+# quant: "cuda" (QUANT_SOURCE: several CTAs per row, lets the PDL GEMV start at once) or "triton"
+# (triton_w8a8's quantizer); PREFETCH: weight rounds sent to L2 before the GEMV waits (PDL only)
+DEFAULT = {"WN": 1, "WK": 4, "UNROLL": 2, "ctas_per_sm": 4, "MINB": 1, "FP8_MODE": FP8_F16,
+           "pdl": True, "quant": "cuda", "PREFETCH": 2}
 # (fp8|int8, N, K, MT): measured bests on an H200 (benchmarks/probe_w8a8_gemv.py --sweep, whole call
 # with the activation quantizer; the sweep's timings vary by ~5 % between runs)
 _M16 = {"WN": 2, "WK": 4, "UNROLL": 1, "ctas_per_sm": 2}
@@ -432,26 +574,78 @@ _LOCK = threading.Lock()
 def defines_for(fp8: bool, mt: int, out_dtype: torch.dtype, cfg: dict) -> dict:
     return {"IS_FP8": int(fp8), "FP8_MODE": int(cfg["FP8_MODE"]) if fp8 else 0, "MT": mt,
             "OUT_KIND": OUT_KINDS[out_dtype], "WN": cfg["WN"], "WK": cfg["WK"], "UNROLL": cfg["UNROLL"],
-            "MINB": cfg["MINB"]}
+            "MINB": cfg["MINB"], "PREFETCH": int(cfg.get("PREFETCH", 0)) if cfg.get("pdl") else 0}
 
 
-def kernel_for(defines: dict):
-    key = tuple(sorted(defines.items()))
+def quant_defines(fp8: bool, x_dtype: torch.dtype, threads: int = QUANT_THREADS) -> dict:
+    return {"IS_FP8": int(fp8), "BF16": int(x_dtype == torch.bfloat16), "QT": threads}
+
+
+def kernel_for(defines: dict, source: str = CUDA_SOURCE, name: str = "w8a8_gemv", signature: str = SIGNATURE):
+    key = (name, tuple(sorted(defines.items())))
     kern = _KERNELS.get(key)
     if kern is None:
         from omniq.kernels.nvrtc import NvrtcKernel
         with _LOCK:
             kern = _KERNELS.get(key)
             if kern is None:
-                kern = _KERNELS[key] = NvrtcKernel(CUDA_SOURCE, "w8a8_gemv", SIGNATURE, defines)
+                kern = _KERNELS[key] = NvrtcKernel(source, name, signature, defines)
     return kern
+
+
+def quant_kernel_for(fp8: bool, x_dtype: torch.dtype, threads: int = QUANT_THREADS):
+    return kernel_for(quant_defines(fp8, x_dtype, threads), QUANT_SOURCE, "w8a8_quant_act", QUANT_SIGNATURE)
+
+
+def all_variants() -> list:
+    """Every GEMV define set the dispatcher can pick (DEFAULT and TUNED, M tiles, output dtypes,
+    PDL on / off) and every quantizer, for tools/nvrtc_offline.py."""
+    out, seen = [], set()
+    for fp8 in (True, False):
+        for mt in (1, 2):
+            for dt in (torch.bfloat16, torch.float16):
+                for c in [DEFAULT, dict(DEFAULT, pdl=False), *(dict(DEFAULT, **v) for v in TUNED.values())]:
+                    for mode in ((FP8_F16, FP8_NATIVE) if fp8 else (FP8_F16,)):
+                        d = defines_for(fp8, mt, dt, dict(c, FP8_MODE=mode))
+                        key = tuple(sorted(d.items()))
+                        if key not in seen:
+                            seen.add(key)
+                            out.append(kernel_for(d))
+            out.append(quant_kernel_for(fp8, torch.bfloat16 if mt == 1 else torch.float16))
+    return out
+
+
+def quant_grid(m: int, k: int, sms: int, threads: int = QUANT_THREADS) -> tuple[int, int]:
+    """(CTAs per row, M): about one CTA per SM in all, at most one per QT-vector round of the row."""
+    rounds = -(-(k // 8) // threads)
+    return max(1, min(rounds, sms // m)), m
+
+
+def quantize_cuda(x: torch.Tensor, fp8: bool, threads: int = QUANT_THREADS):
+    """(codes [M, K] int8 | e4m3, s_x fp32 [M]): dynamic symmetric per-token quantization, bit-exact
+    with the schemes' quantize_activation for finite x (a NaN in a row is dropped from its amax)."""
+    from omniq.kernels._common import sm_count
+    m, k = x.shape
+    if k % 8 or x.dtype not in (torch.bfloat16, torch.float16):
+        raise KernelError(f"cuda.w8a8.gemv quantizer: x [M, K] bf16 / fp16 with K % 8 == 0, got {tuple(x.shape)} "
+                          f"{x.dtype}")
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+        x = x.contiguous()
+        if x.data_ptr() % 16:
+            x = x.clone()
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
+    s = torch.empty(m, dtype=torch.float32, device=x.device)
+    from omniq.kernels.triton_w8a8 import TOKEN_SCALE_MIN
+    quant_kernel_for(fp8, x.dtype, threads)(x.device, quant_grid(m, k, sm_count(x.device), threads), (threads,),
+                                            [x, q, s, k, x.stride(0), TOKEN_SCALE_MIN])
+    return q, s, None
 
 
 def run_gemv(x: torch.Tensor, p, bias: torch.Tensor | None, cfg: dict | None = None, xq=None,
              out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y[M, N] in x.dtype (or out_dtype: fp32 for diagnostics) for a prepared fp8 / int8 W8A8 weight
-    with dynamic per-token activations; x is quantized by the fused Triton quantizer first (or
-    given as xq = (q, s_x, azp))."""
+    with dynamic per-token activations; x is quantized first by cfg['quant'] (or given as
+    xq = (q, s_x, azp)), and the GEMV launched with PDL when cfg['pdl']."""
     from omniq.kernels import triton_w8a8 as w8a8
     from omniq.kernels._common import sm_count, tile_counters
     m, k = x.shape
@@ -466,8 +660,12 @@ def run_gemv(x: torch.Tensor, p, bias: torch.Tensor | None, cfg: dict | None = N
         raise KernelError(f"{where(p.name)}cuda.w8a8.gemv needs a contiguous, 16-byte aligned weight with "
                           f"K % {K_ALIGN} == 0 (K={k})")
     cfg = dict(cfg or config_for(m, p.n, k, p.fp8))
+    if cfg.get("quant", "triton") not in QUANTIZERS:
+        raise KernelError(f"{where(p.name)}cuda.w8a8.gemv: quant={cfg['quant']!r}, not one of {QUANTIZERS}")
     dev = x.device
-    q, xs, _ = xq if xq is not None else w8a8.quantize_prepared_activation(x, p)
+    if xq is None:
+        xq = quantize_cuda(x, p.fp8) if cfg.get("quant") == "cuda" else w8a8.quantize_prepared_activation(x, p)
+    q, xs, _ = xq
     if not q.is_contiguous():
         q = q.contiguous()
     lc = launch_config(m, p.n, k, sm_count(dev), cfg)
@@ -483,5 +681,6 @@ def run_gemv(x: torch.Tensor, p, bias: torch.Tensor | None, cfg: dict | None = N
         partials = torch.empty(lc["split"] * lc["grid"][0] * lc["outs_per_cta"], dtype=torch.float32, device=dev)
     kern = kernel_for(defines_for(p.fp8, lc["mt"], y.dtype, cfg))
     kern(dev, lc["grid"], lc["block"],
-         [p.weight, q, p.w_scale, xs, bias, y, partials, counters, m, p.n, k, lc["steps_per_split"], bias_kind])
+         [p.weight, q, p.w_scale, xs, bias, y, partials, counters, m, p.n, k, lc["steps_per_split"], bias_kind],
+         pdl=bool(cfg.get("pdl")))
     return y

@@ -12,16 +12,26 @@ wheel per CUDA version. The kernels take raw pointers, so each one is a plain
 A launch costs a few microseconds of Python (ctypes; the driver entry point is looked up once,
 not per call as torch's own `_compile_kernel` launcher does); inside a CUDA graph it costs
 nothing.
+
+`kern(..., pdl=True)` launches through cuLaunchKernelEx with Programmatic Dependent Launch
+(sm_90+, driver >= 12.3 so that stream capture records it as a programmatic graph edge): the
+kernel may start while the previous kernel on the stream is still running, and must execute
+`griddepcontrol.wait` before it touches anything that kernel writes (and before any write of
+its own). The previous kernel lets it start early with `griddepcontrol.launch_dependents`;
+without that, it starts when all of the previous kernel's CTAs have exited. Where PDL is not
+available the launch falls back to cuLaunchKernel, once logged with the reason (`pdl_reason`).
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import threading
 
 import torch
 
 _LOCK = threading.Lock()
+log = logging.getLogger("omniq")
 
 
 def _driver():
@@ -41,6 +51,83 @@ def _launch_fn():
         lib = _driver()
         _LAUNCH.extend((lib.cuLaunchKernel, lib))  # the library object kept alive with its function
     return _LAUNCH[0]
+
+
+# ---- cuLaunchKernelEx (cuda.h, CUDA 12.x) ----------------------------------------------------
+CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+PDL_MIN_DRIVER = 12030          # programmatic edges survive stream capture from CUDA 12.3 on
+PDL_MIN_CAPABILITY = (9, 0)
+
+
+class CUlaunchAttributeValue(ctypes.Union):
+    """CUlaunchAttributeValue_union: 64 bytes, pointer-aligned (some members hold a CUevent)."""
+    _fields_ = [("pad", ctypes.c_char * 64), ("programmaticStreamSerializationAllowed", ctypes.c_int),
+                ("_align", ctypes.c_void_p)]
+
+
+class CUlaunchAttribute(ctypes.Structure):
+    """CUlaunchAttribute_st: the id (an enum, int32), 4 bytes of padding, the value (72 bytes)."""
+    _fields_ = [("id", ctypes.c_int32), ("pad", ctypes.c_char * 4), ("value", CUlaunchAttributeValue)]
+
+
+class CUlaunchConfig(ctypes.Structure):
+    """CUlaunchConfig_st (56 bytes on 64-bit: hStream at offset 32, attrs at 40, numAttrs at 48)."""
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(CUlaunchAttribute)), ("numAttrs", ctypes.c_uint)]
+
+
+_PDL: dict = {}          # "fn": cuLaunchKernelEx or None, "why": reason, "lib", per-device reasons
+_PDL_LOGGED: set = set()
+
+
+def _launch_ex_fn():
+    """(cuLaunchKernelEx or None, why not), looked up once per process."""
+    if "fn" not in _PDL:
+        lib, fn, why = _driver(), None, None
+        try:
+            fn = lib.cuLaunchKernelEx
+        except AttributeError:
+            why = "the CUDA driver has no cuLaunchKernelEx (needs a CUDA 12 driver)"
+        if fn is not None:
+            ver = ctypes.c_int(0)
+            try:
+                res = lib.cuDriverGetVersion(ctypes.byref(ver))
+            except AttributeError:
+                res = -1
+            if res != 0 or ver.value < PDL_MIN_DRIVER:
+                fn, why = None, (f"CUDA driver {ver.value // 1000}.{ver.value % 1000 // 10} < 12.3: PDL edges are not "
+                                 f"kept by stream capture")
+        _PDL.update(fn=fn, why=why, lib=lib)
+    return _PDL["fn"], _PDL["why"]
+
+
+def pdl_reason(device: torch.device) -> str | None:
+    """Why a `pdl=True` launch on `device` falls back to a plain launch, or None when it does not."""
+    if device.type != "cuda":
+        return f"needs a CUDA device, not {device.type}"
+    fn, why = _launch_ex_fn()
+    if fn is None:
+        return why
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    key = ("cap", idx)
+    if key not in _PDL:
+        cap = torch.cuda.get_device_capability(idx)
+        _PDL[key] = None if cap >= PDL_MIN_CAPABILITY else \
+            f"compute capability {cap[0]}.{cap[1]} < 9.0 (griddepcontrol is sm_90+)"
+    return _PDL[key]
+
+
+def pdl_config(grid, block, shared_mem: int, stream: int):
+    """(CUlaunchConfig, its one attribute) for a launch with programmatic stream serialization;
+    the attribute must stay alive until the launch returns."""
+    attr = (CUlaunchAttribute * 1)()
+    attr[0].id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr[0].value.programmaticStreamSerializationAllowed = 1
+    cfg = CUlaunchConfig(grid[0], grid[1], grid[2], block[0], block[1], block[2], shared_mem,
+                         ctypes.c_void_p(stream), attr, 1)
+    return cfg, attr
 
 
 def nvrtc_reason(device: torch.device) -> str | None:
@@ -109,7 +196,7 @@ class NvrtcKernel:
                 self._funcs[idx] = fn
         return fn
 
-    def __call__(self, device: torch.device, grid, block, args, shared_mem: int = 0) -> None:
+    def __call__(self, device: torch.device, grid, block, args, shared_mem: int = 0, pdl: bool = False) -> None:
         if len(args) != len(self.signature):
             raise TypeError(f"{self.name} takes {len(self.signature)} arguments ({self.signature}), "
                             f"got {len(args)}")
@@ -124,6 +211,17 @@ class NvrtcKernel:
         stream = torch.cuda.current_stream(device)
         g = tuple(grid) + (1,) * (3 - len(grid))
         b = tuple(block) + (1,) * (3 - len(block))
+        if pdl:
+            why = pdl_reason(device)
+            if why is None:
+                cfg, attr = pdl_config(g, b, shared_mem, stream.cuda_stream)
+                res = _PDL["fn"](ctypes.byref(cfg), fn, arr, None)
+                if res != 0:
+                    raise RuntimeError(f"omniq: cuLaunchKernelEx({self.name}, PDL) failed with CUDA error {res}")
+                return
+            if why not in _PDL_LOGGED:
+                _PDL_LOGGED.add(why)
+                log.info("omniq: %s launched without programmatic dependent launch: %s", self.name, why)
         res = _launch_fn()(fn, g[0], g[1], g[2], b[0], b[1], b[2], shared_mem,
                            ctypes.c_void_p(stream.cuda_stream), arr, None)
         if res != 0:

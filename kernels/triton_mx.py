@@ -275,10 +275,14 @@ if triton is not None:
 
     @triton.jit
     def _group_factor(s_rows, g, N, rexp, FMT: tl.constexpr, ASM: tl.constexpr):
-        """Factor [BN] of group g (s_rows = scales + rows): the group scale / 2^rexp, times
-        2^126 (ASM 1, bf16 result) or 2^14 (ASM 2, fp16 result) for the PTX placement, fp32
-        otherwise. Scales are padded to whole units: no mask."""
-        sb = tl.load(s_rows + g * N)
+        """Factor [BN] of group g (s_rows = scales + rows), see _scale_factor. Scales are padded
+        to whole units: no mask."""
+        return _scale_factor(tl.load(s_rows + g * N), rexp, FMT, ASM)
+
+    @triton.jit
+    def _scale_factor(sb, rexp, FMT: tl.constexpr, ASM: tl.constexpr):
+        """Prepared scale bytes -> factors: the group scale / 2^rexp, times 2^126 (ASM 1, bf16
+        result) or 2^14 (ASM 2, fp16 result) for the PTX placement, fp32 otherwise."""
         if FMT == 1:  # NVFP4: E4M3 block scale / 2^rexp, exact in fp32
             f = sb.to(tl.float8e4nv, bitcast=True).to(tl.float32) * _pow2(-rexp)
             if ASM == 1:
@@ -320,6 +324,116 @@ if triton is not None:
                 constraints="=r,=r,h,r,r",
                 args=[packed, flo, fhi], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
         return lo, hi
+
+    @triton.jit
+    def _fp4_halves(packed, flo, fhi, ASM: tl.constexpr, OUT: tl.constexpr):
+        """Split-halves bytes (any shape) and the factors of their low / high halves (broadcast
+        to that shape) -> (low-nibble values, high-nibble values) in OUT: PTX with ASM (factors
+        as _group_factor made them for it), else the portable decode rounded once from fp32."""
+        if ASM != 0:
+            lo, hi = _fp4_ptx(packed, tl.broadcast_to(flo, packed.shape), tl.broadcast_to(fhi, packed.shape),
+                              ASM == 1)
+        else:
+            p = packed.to(tl.int32)
+            lo = (_e2m1_f32(p & 15) * flo).to(OUT)
+            hi = (_e2m1_f32(p >> 4) * fhi).to(OUT)
+        return lo, hi
+
+    @triton.jit
+    def _e4m3_scaled(wbytes, f, OUT: tl.constexpr):
+        """E4M3 bytes times fp32 factors, rounded once into OUT (exact for the in-loop factors)."""
+        return (wbytes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * f).to(OUT)
+
+    @triton.jit
+    def _merge_halves(lo, hi, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ORDER: tl.constexpr):
+        """The decoded halves [BN, NU, H] of NU units -> one [BN, BK = NU * 2H] tile for one
+        tl.dot, in the column order _tile_k names (the activation rows are read in that order)."""
+        w = tl.join(lo, hi)                          # [BN, NU, H, 2]
+        if ORDER == 0:
+            w = tl.permute(w, (0, 1, 3, 2))          # [BN, NU, 2, H]: K order
+        elif ORDER == 1:
+            w = tl.permute(w, (0, 3, 1, 2))          # [BN, 2, NU, H]: low halves, then high halves
+        return tl.reshape(w, (BLOCK_N, BLOCK_K))     # ORDER 2: [BN, NU, H, 2], halves interleaved
+
+    @triton.jit
+    def _tile_k(BLOCK_K: tl.constexpr, H: tl.constexpr, ORDER: tl.constexpr):
+        """k within the tile of each column of _merge_halves(ORDER) (a dot ignores K's order):
+        0 -> k = c; 1 -> runs of H, the low halves of the units first; 2 -> k, k + H alternating."""
+        c = tl.arange(0, BLOCK_K)
+        if ORDER == 0:
+            k = c
+        elif ORDER == 1:
+            # c = t * BK/2 + u * H + j -> k = u * 2H + t * H + j, written as c plus a term constant
+            # over each run of H so that Triton's axis analysis sees runs of H contiguous k
+            # (vector loads the pipeliner can stage)
+            k = c + ((c // H) % (BLOCK_K // (2 * H))) * H + (c // (BLOCK_K // 2)) * (H - BLOCK_K // 2)
+        else:
+            r = c % (2 * H)
+            k = (c // (2 * H)) * (2 * H) + (r % 2) * H + r // 2
+        return k
+
+    @triton.jit
+    def _scale_tile(s_rows, kt, N, n_groups, FMT: tl.constexpr, H: tl.constexpr, GROUP: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+        """The prepared scale bytes of K tile kt: MXFP8 [BN, BK/32]; fp4 [BN, NU, 2], the groups of
+        each unit's low and high half. Indices clamped to the stored groups (past the end of K the
+        codes are zero, any finite factor will do). Loaded one tile ahead of their use (these
+        byte loads are too narrow for the pipeliner's async copies)."""
+        if FMT == 2:
+            g = tl.minimum(kt * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32), n_groups - 1)
+            sb = tl.load(s_rows[:, None] + g[None, :] * N)
+        else:
+            u = kt * (BLOCK_K // (2 * H)) + tl.arange(0, BLOCK_K // (2 * H))
+            g = u[:, None] * ((2 * H) // GROUP) + tl.arange(0, 2)[None, :] * (H // GROUP)
+            sb = tl.load(s_rows[:, None, None] + tl.minimum(g, n_groups - 1)[None, :, :] * N)
+        return sb
+
+    @triton.jit
+    def _weight_tile(w_ptr, sb, rn, rexp, kt, KW, stride_w,
+                     FMT: tl.constexpr, H: tl.constexpr, EVEN_K: tl.constexpr,
+                     DOT: tl.constexpr, ASM: tl.constexpr, ORDER: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """K tile kt of the weight decoded in registers: [BLOCK_N, BLOCK_K] in DOT, the group
+        factors (scale bytes sb from _scale_tile) folded in exactly, relative to the row's
+        2^rexp; columns in _tile_k's order. KW: the stored row length (bytes for fp4, elements
+        for MXFP8); without EVEN_K the tail is masked to zero codes."""
+        if FMT == 2:   # MXFP8: e4m3 bytes, one factor per 32 of K
+            NG: tl.constexpr = BLOCK_K // 32
+            kk = (kt * NG + tl.arange(0, NG))[:, None] * 32 + tl.arange(0, 32)[None, :]
+            ptrs = w_ptr + rn[:, None, None] * stride_w + kk[None, :, :]
+            if EVEN_K:
+                wb = tl.load(ptrs)
+            else:
+                wb = tl.load(ptrs, mask=kk[None, :, :] < KW, other=0)
+            f = _scale_factor(sb, rexp[:, None], FMT, 0)
+            w = tl.reshape(_e4m3_scaled(wb, f[:, :, None], DOT), (BLOCK_N, BLOCK_K))
+        else:          # E2M1 split halves: NU units of 2H elements, H bytes each
+            NU: tl.constexpr = BLOCK_K // (2 * H)
+            col = (kt * NU + tl.arange(0, NU))[:, None] * H + tl.arange(0, H)[None, :]
+            ptrs = w_ptr + rn[:, None, None] * stride_w + col[None, :, :]
+            if EVEN_K:
+                packed = tl.load(ptrs)
+            else:
+                packed = tl.load(ptrs, mask=col[None, :, :] < KW, other=0)
+            f_lo, f_hi = tl.split(_scale_factor(sb, rexp[:, None, None], FMT, ASM))
+            lo, hi = _fp4_halves(packed, f_lo[:, :, None], f_hi[:, :, None], ASM, DOT)
+            w = _merge_halves(lo, hi, BLOCK_N, BLOCK_K, ORDER)
+        return w
+
+    @triton.jit
+    def _tile_dot(acc, x_ptr, w_ptr, sb, rn, rm, rexp, kt, kord, K, KW, stride_xm, stride_w,
+                  FMT: tl.constexpr, H: tl.constexpr, EVEN_K: tl.constexpr,
+                  DOT: tl.constexpr, ASM: tl.constexpr, ORDER: tl.constexpr, UPCAST: tl.constexpr,
+                  IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """acc += W_tile(kt) @ x^T_tile(kt): the weight decoded in registers (the MMA's A
+        operand), the activation rows read in the decoded columns' K order."""
+        w = _weight_tile(w_ptr, sb, rn, rexp, kt, KW, stride_w, FMT, H, EVEN_K, DOT, ASM, ORDER, BLOCK_N, BLOCK_K)
+        k = kt * BLOCK_K + kord
+        if EVEN_K:
+            xt = tl.load(x_ptr + rm[None, :] * stride_xm + k[:, None])
+        else:
+            xt = tl.load(x_ptr + rm[None, :] * stride_xm + k[:, None], mask=k[:, None] < K, other=0.0)
+        return _mma(acc, w, xt.to(DOT), UPCAST, IEEE)
 
     @triton.jit
     def _mma(acc, w, xt, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -413,21 +527,13 @@ if triton is not None:
                 f_lo = _group_factor(s_rows, u * ((2 * H) // GROUP), N, rexp, FMT, ASM)
                 f_hi = _group_factor(s_rows, u * ((2 * H) // GROUP) + H // GROUP, N, rexp, FMT, ASM)
                 if FMT == 2:   # MXFP8 W8A16: e4m3 bytes of the checkpoint, K may be ragged
-                    wl = tl.load(w_ptr + rn[:, None] * stride_w + k_lo[None, :],
-                                 mask=k_lo[None, :] < K, other=0).to(tl.float8e4nv, bitcast=True)
-                    wh = tl.load(w_ptr + rn[:, None] * stride_w + k_hi[None, :],
-                                 mask=k_hi[None, :] < K, other=0).to(tl.float8e4nv, bitcast=True)
-                    w_lo = (wl.to(tl.float32) * f_lo[:, None]).to(DOT)
-                    w_hi = (wh.to(tl.float32) * f_hi[:, None]).to(DOT)
+                    w_lo = _e4m3_scaled(tl.load(w_ptr + rn[:, None] * stride_w + k_lo[None, :],
+                                                mask=k_lo[None, :] < K, other=0), f_lo[:, None], DOT)
+                    w_hi = _e4m3_scaled(tl.load(w_ptr + rn[:, None] * stride_w + k_hi[None, :],
+                                                mask=k_hi[None, :] < K, other=0), f_hi[:, None], DOT)
                 else:
                     packed = tl.load(w_ptr + rn[:, None] * stride_w + (u * H + jh)[None, :])
-                    if ASM != 0:
-                        w_lo, w_hi = _fp4_ptx(packed, tl.broadcast_to(f_lo[:, None], (BLOCK_N, H)),
-                                              tl.broadcast_to(f_hi[:, None], (BLOCK_N, H)), ASM == 1)
-                    else:
-                        p = packed.to(tl.int32)
-                        w_lo = (_e2m1_f32(p & 15) * f_lo[:, None]).to(DOT)
-                        w_hi = (_e2m1_f32(p >> 4) * f_hi[:, None]).to(DOT)
+                    w_lo, w_hi = _fp4_halves(packed, f_lo[:, None], f_hi[:, None], ASM, DOT)
                 if EVEN_K:   # K is a whole number of units: no mask
                     x_lo = tl.load(x_ptr + rm[None, :] * stride_xm + k_lo[:, None])
                     x_hi = tl.load(x_ptr + rm[None, :] * stride_xm + k_hi[:, None])
@@ -444,6 +550,66 @@ if triton is not None:
             else:
                 acc = part
 
+        acc = acc * (_row_factor(rexp) * gscale)[:, None]
+        _epilogue(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, offs_n, offs_m, N, M, stride_ym,
+                  pid_n * tl.cdiv(M, BLOCK_M) + pid_m, tl.cdiv(N, BLOCK_N) * tl.cdiv(M, BLOCK_M), pid_k,
+                  SPLIT_K, HAS_BIAS, BLOCK_N, BLOCK_M)
+
+    @triton.jit
+    def _mx_gemm_kernel(x_ptr, w_ptr, s_ptr, rexp_ptr, dual_ptr, xd_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+                        M, N, K, KW, n_groups, stride_xm, stride_ym, stride_w, n_chunks, gscale,
+                        FMT: tl.constexpr, H: tl.constexpr, GROUP: tl.constexpr,
+                        DUAL: tl.constexpr, XDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                        DOT: tl.constexpr, ASM: tl.constexpr, ORDER: tl.constexpr,
+                        UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K,
+                        GROUP_N: tl.constexpr):
+        """acc[n, m] = sum_k W[n, k] x[m, k], ONE tensor-core dot per BLOCK_K tile: the weight
+        tile decoded in registers with its group factors folded in exactly (A operand), the
+        activation tile x^T read in the same K order (B operand, staged by the pipeliner), no
+        per-group rescale of the fp32 accumulator; the row's 2^rexp in the epilogue.
+        Dualscale: the coarse scales multiply each 512-chunk's partial product (inner loop)."""
+        pid_n, pid_m = _tile_ids(N, M, BLOCK_N, BLOCK_M, GROUP_N)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.minimum(offs_n, N - 1)   # clamped rows and columns: loads need no N/M masks
+        rm = tl.minimum(offs_m, M - 1)
+        rexp = tl.load(rexp_ptr + rn).to(tl.int32)
+        s_rows = s_ptr + rn
+        kord = _tile_k(BLOCK_K, H, ORDER)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        if DUAL:
+            TPC: tl.constexpr = 512 // BLOCK_K   # K tiles per coarse chunk
+            per = tl.cdiv(n_chunks, SPLIT_K)
+            c0 = pid_k * per
+            c1 = tl.minimum(c0 + per, n_chunks)
+            last = tl.maximum(c1 * TPC - 1, 0)
+            sb = _scale_tile(s_rows, c0 * TPC, N, n_groups, FMT, H, GROUP, BLOCK_K)
+            for c in range(c0, c1):
+                part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                for t in range(0, TPC):
+                    kt = c * TPC + t
+                    sb_next = _scale_tile(s_rows, tl.minimum(kt + 1, last), N, n_groups, FMT, H, GROUP, BLOCK_K)
+                    part = _tile_dot(part, x_ptr, w_ptr, sb, rn, rm, rexp, kt, kord, K, KW, stride_xm, stride_w,
+                                     FMT, H, EVEN_K, DOT, ASM, ORDER, UPCAST, IEEE, BLOCK_N, BLOCK_K)
+                    sb = sb_next
+                part = part * tl.load(dual_ptr + c * N + rn)[:, None]
+                if XDUAL:
+                    part = part * tl.load(xd_ptr + rm * n_chunks + c)[None, :]
+                acc += part
+        else:
+            n_kt = tl.cdiv(K, BLOCK_K)
+            per = tl.cdiv(n_kt, SPLIT_K)
+            k0 = pid_k * per
+            k1 = tl.minimum(k0 + per, n_kt)
+            last = tl.maximum(k1 - 1, 0)
+            sb = _scale_tile(s_rows, k0, N, n_groups, FMT, H, GROUP, BLOCK_K)
+            for kt in range(k0, k1):
+                sb_next = _scale_tile(s_rows, tl.minimum(kt + 1, last), N, n_groups, FMT, H, GROUP, BLOCK_K)
+                acc = _tile_dot(acc, x_ptr, w_ptr, sb, rn, rm, rexp, kt, kord, K, KW, stride_xm, stride_w,
+                                FMT, H, EVEN_K, DOT, ASM, ORDER, UPCAST, IEEE, BLOCK_N, BLOCK_K)
+                sb = sb_next
         acc = acc * (_row_factor(rexp) * gscale)[:, None]
         _epilogue(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, offs_n, offs_m, N, M, stride_ym,
                   pid_n * tl.cdiv(M, BLOCK_M) + pid_m, tl.cdiv(N, BLOCK_N) * tl.cdiv(M, BLOCK_M), pid_k,
@@ -472,21 +638,18 @@ if triton is not None:
                 d = tl.load(dual_ptr + ((u * 2 * H) // 512) * N + rn)
                 f_lo = f_lo * d
                 f_hi = f_hi * d
-            if FMT == 2:
-                v_lo = tl.load(w_ptr + rn[:, None] * stride_w + k_lo[None, :], mask=k_lo[None, :] < K,
-                               other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                v_hi = tl.load(w_ptr + rn[:, None] * stride_w + k_hi[None, :], mask=k_hi[None, :] < K,
-                               other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            else:
-                p = tl.load(w_ptr + rn[:, None] * stride_w + (u * H + jh)[None, :]).to(tl.int32)
-                v_lo = _e2m1_f32(p & 15)
-                v_hi = _e2m1_f32(p >> 4)
             dt = out_ptr.dtype.element_ty
+            if FMT == 2:
+                v_lo = _e4m3_scaled(tl.load(w_ptr + rn[:, None] * stride_w + k_lo[None, :], mask=k_lo[None, :] < K,
+                                            other=0), f_lo[:, None], dt)
+                v_hi = _e4m3_scaled(tl.load(w_ptr + rn[:, None] * stride_w + k_hi[None, :], mask=k_hi[None, :] < K,
+                                            other=0), f_hi[:, None], dt)
+            else:
+                v_lo, v_hi = _fp4_halves(tl.load(w_ptr + rn[:, None] * stride_w + (u * H + jh)[None, :]),
+                                         f_lo[:, None], f_hi[:, None], 0, dt)
             nm = (offs_n < N)[:, None]
-            tl.store(out_ptr + offs_n[:, None] * ldo + k_lo[None, :], (v_lo * f_lo[:, None]).to(dt),
-                     mask=nm & (k_lo[None, :] < K))
-            tl.store(out_ptr + offs_n[:, None] * ldo + k_hi[None, :], (v_hi * f_hi[:, None]).to(dt),
-                     mask=nm & (k_hi[None, :] < K))
+            tl.store(out_ptr + offs_n[:, None] * ldo + k_lo[None, :], v_lo, mask=nm & (k_lo[None, :] < K))
+            tl.store(out_ptr + offs_n[:, None] * ldo + k_hi[None, :], v_hi, mask=nm & (k_hi[None, :] < K))
 
     @triton.jit
     def _mx8_w8a8_kernel(xq_ptr, xs_ptr, w_ptr, s_ptr, rexp_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
@@ -602,19 +765,24 @@ if triton is not None:
 SPLITK_MAX_M = 64
 
 # Default configurations per kernel kind and M bucket; TUNED[(kind, fmt, n, k, m_bucket)]
-# overrides them. Chosen by the H200 sweep of benchmarks/probe_fp.py --sweep (split-K: 4 CTAs per
-# SM beat 2 by 1.15-1.3x at M <= 16; W8A8 split-K: 8 groups per iteration, 3 stages, 1.26x).
+# overrides them. Split-K: the H200 sweep of benchmarks/probe_fp.py --sweep (4 CTAs per SM beat 2
+# by 1.15-1.3x at M <= 16; W8A8 split-K: 8 groups per iteration, 3 stages, 1.26x).
+# "gemm" (_mx_gemm_kernel, every format, W8A8 MXFP8 included): one dot per BLOCK_K tile; for
+# small M the tile row is split along K ("waves" CTAs per SM) to fill the GPU. ORDER: the K order
+# of the decoded fp4 tile (_tile_k). Starting points for benchmarks/probe_mx_gemm.py to confirm.
 DEFAULTS = {
     "splitk": {"BLOCK_N": 64, "BLOCK_M": 16, "UNITS": 4, "num_warps": 4, "num_stages": 4, "waves": 4.0},
-    "gemm": {"BLOCK_N": 128, "BLOCK_M": 128, "UNITS": 2, "num_warps": 8, "num_stages": 3, "GROUP_N": 8},
+    "gemm": {"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 128, "ORDER": 0, "num_warps": 8, "num_stages": 3,
+             "GROUP_N": 8},
     "w8a8_splitk": {"BLOCK_N": 64, "BLOCK_M": 16, "GPI": 8, "num_warps": 4, "num_stages": 3, "waves": 2.0},
-    "w8a8_gemm": {"BLOCK_N": 128, "BLOCK_M": 128, "GPI": 2, "num_warps": 4, "num_stages": 3, "GROUP_N": 8},
 }
+_SMALL_GEMM = {"BLOCK_N": 128, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3, "waves": 2.0, "GROUP_N": 1}
 BY_M = {
     ("splitk", 32): {"BLOCK_M": 32}, ("splitk", 64): {"BLOCK_M": 64},
     ("w8a8_splitk", 32): {"BLOCK_M": 32}, ("w8a8_splitk", 64): {"BLOCK_M": 64},
-    ("gemm", 64): {"BLOCK_M": 64, "num_warps": 4}, ("gemm", 128): {"BLOCK_M": 64},
-    ("w8a8_gemm", 64): {"BLOCK_M": 64, "num_warps": 4}, ("w8a8_gemm", 128): {"BLOCK_M": 64},
+    **{("gemm", mb): dict(_SMALL_GEMM, BLOCK_M=max(16, mb)) for mb in (1, 2, 4, 8, 16, 32, 64)},
+    ("gemm", 128): {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4},
+    ("gemm", 256): {"BLOCK_M": 128, "num_stages": 4},
 }
 TUNED: dict = {}
 
@@ -679,6 +847,10 @@ def run_fp4(x: torch.Tensor, p: FP4Prepared, bias: torch.Tensor | None, kind: st
     use_asm = nvidia_ptx(x.device) and not ieee and (asm if asm is not None else cfg.get("ASM", True))
     asm_mode = (1 if xdt == torch.bfloat16 else 2) if use_asm else 0
     dual = p.dual is not None
+    y = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
+    if kind == "gemm":
+        return _launch_gemm(xk, p.qweight, p.scales, p.rexp, p.dual, xd, bias, y, p.qweight.shape[1],
+                            float(p.gscale * efac), p.fmt, p.h, p.group, dot, upcast, ieee, asm_mode, cfg)
     units = cfg["UNITS"]
     if dual:
         units = 512 // (2 * p.h)       # one iteration = one coarse chunk
@@ -692,7 +864,6 @@ def run_fp4(x: torch.Tensor, p: FP4Prepared, bias: torch.Tensor | None, kind: st
             units //= 2
     iters = p.n_units // units
     bn, bm, tiles, split = _launch_grid(kind, m, p.n, iters, x.device, cfg)
-    y = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
     ws, cnt = _workspace(split, tiles, bn, bm, x.device)
     dummy = p.rexp
     _wdq_kernel[(tiles, split)](
@@ -703,6 +874,34 @@ def run_fp4(x: torch.Tensor, p: FP4Prepared, bias: torch.Tensor | None, kind: st
         FMT=p.fmt, H=p.h, GROUP=p.group, UNITS=units, DUAL=dual, XDUAL=xd is not None,
         HAS_BIAS=bias is not None, EVEN_K=p.n_units * 2 * p.h == p.k, DOT=dot, ASM=asm_mode,
         UPCAST=upcast, IEEE=ieee, BLOCK_N=bn, BLOCK_M=bm, SPLIT_K=split, GROUP_N=cfg.get("GROUP_N", 1),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y
+
+
+def _launch_gemm(x, w, scales, rexp, dual, xd, bias, y, kw, gscale, fmt, h, group, dot, upcast, ieee, asm_mode,
+                 cfg) -> torch.Tensor:
+    """One launch of _mx_gemm_kernel: y = x @ W^T (+ bias) for a weight stored as `w` (fp4 split
+    halves, kw bytes a row, or MXFP8 e4m3, kw = K) with relative scales [G, N] and rexp [N]."""
+    m, k = x.shape
+    n = y.shape[1]
+    step = 32 if fmt == FMT_MXFP8 else 2 * h          # K per scale pair / unit: the smallest tile
+    bk = max(step, min(next_pow2(cfg.get("BLOCK_K", 128)), next_pow2(k)))
+    if dual is not None:
+        bk = min(bk, 512)                             # a coarse chunk holds whole tiles
+        iters = k // 512
+    else:
+        iters = -(-k // bk)
+    bn, bm, tiles, split = launch_grid(cfg, n, m, iters, x.device, splitk="waves" in cfg, cap=32)
+    ws, cnt = _workspace(split, tiles, bn, bm, x.device)
+    dummy = rexp
+    _mx_gemm_kernel[(tiles, split)](
+        x, w, scales, rexp, dual if dual is not None else dummy, xd if xd is not None else dummy,
+        bias if bias is not None else dummy, y, ws, cnt,
+        m, n, k, kw, scales.shape[0], x.stride(0), y.stride(0), w.stride(0), k // 512 if dual is not None else 1,
+        gscale, FMT=fmt, H=h, GROUP=group, DUAL=dual is not None, XDUAL=xd is not None,
+        HAS_BIAS=bias is not None, EVEN_K=k % bk == 0, DOT=dot, ASM=asm_mode,
+        ORDER=cfg.get("ORDER", 0) if fmt != FMT_MXFP8 else 0, UPCAST=upcast, IEEE=ieee,
+        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=split, GROUP_N=cfg.get("GROUP_N", 1),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
@@ -737,19 +936,21 @@ def fake_quantize_mxfp8_activation(x: torch.Tensor, rule: str = "floor") -> torc
 
 def run_mxfp8(x: torch.Tensor, p: MXFP8Prepared, bias: torch.Tensor | None, kind: str = "gemm",
               cfg: dict | None = None) -> torch.Tensor:
-    """y = x @ W^T (+ bias) for an mxfp8 weight: W8A8 (fused activation quantization, e4m3 dots
-    per group) when the scheme quantizes activations, else W8A16 (decoded weight, bf16/fp16 dots)."""
+    """y = x @ W^T (+ bias) for an mxfp8 weight, the weight decoded in registers. kind "gemm":
+    W8A16, and W8A8 as W8A16 over the fake-quantized activation (an MX x MX product is exactly a
+    bf16 x bf16 one: x is quantized per 32 and fed as exact bf16); kind "splitk" with W8A8: e4m3
+    tensor-core dots per 32-element group, each scaled by the two group factors."""
     m = x.shape[0]
     y = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
     dummy = p.rexp
-    if p.scheme.activation is not None:
+    w8a8 = p.scheme.activation is not None
+    if w8a8 and kind == "splitk":
         xq, xs = quantize_mxfp8_activation(x, p.scheme.scale_rule)
         g = xs.shape[1]
-        kk = "w8a8_" + kind
-        cfg = dict(cfg or config_for(kk, FMT_MXFP8, m, p.n, p.k))
+        cfg = dict(cfg or config_for("w8a8_splitk", FMT_MXFP8, m, p.n, p.k))
         gpi = max(1, min(cfg["GPI"], next_pow2(g)))
         iters = -(-g // gpi)
-        bn, bm, tiles, split = _launch_grid(kk, m, p.n, iters, x.device, cfg)
+        bn, bm, tiles, split = _launch_grid("w8a8_splitk", m, p.n, iters, x.device, cfg)
         ws, cnt = _workspace(split, tiles, bn, bm, x.device)
         _mx8_w8a8_kernel[(tiles, split)](
             xq, xs, p.weight.view(torch.uint8), p.scales, p.rexp, bias if bias is not None else dummy,
@@ -757,10 +958,14 @@ def run_mxfp8(x: torch.Tensor, p: MXFP8Prepared, bias: torch.Tensor | None, kind
             GPI=gpi, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_M=bm, SPLIT_K=split,
             GROUP_N=cfg.get("GROUP_N", 1), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return y
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    xk = fake_quantize_mxfp8_activation(x, p.scheme.scale_rule) if w8a8 else x
+    if xk.stride(-1) != 1:
+        xk = xk.contiguous()
     cfg = dict(cfg or config_for(kind, FMT_MXFP8, m, p.n, p.k))
-    dot, upcast, ieee = dot_dtype(x.dtype)
+    dot, upcast, ieee = dot_dtype(xk.dtype)
+    if kind == "gemm":
+        return _launch_gemm(xk, p.weight.view(torch.uint8), p.scales, p.rexp, None, None, bias, y, p.k, 1.0,
+                            FMT_MXFP8, 32, 32, dot, upcast, ieee, 0, cfg)
     n_units = -(-p.k // 64)
     units = max(1, min(cfg["UNITS"], n_units))
     while n_units % units:
@@ -769,8 +974,8 @@ def run_mxfp8(x: torch.Tensor, p: MXFP8Prepared, bias: torch.Tensor | None, kind
     bn, bm, tiles, split = _launch_grid(kind, m, p.n, iters, x.device, cfg)
     ws, cnt = _workspace(split, tiles, bn, bm, x.device)
     _wdq_kernel[(tiles, split)](
-        x, p.weight.view(torch.uint8), p.scales, p.rexp, dummy, dummy, bias if bias is not None else dummy,
-        y, ws, cnt, m, p.n, p.k, n_units, p.scales.shape[0], x.stride(0), y.stride(0), p.weight.stride(0),
+        xk, p.weight.view(torch.uint8), p.scales, p.rexp, dummy, dummy, bias if bias is not None else dummy,
+        y, ws, cnt, m, p.n, p.k, n_units, p.scales.shape[0], xk.stride(0), y.stride(0), p.weight.stride(0),
         1, 1.0,
         FMT=FMT_MXFP8, H=32, GROUP=32, UNITS=units, DUAL=False, XDUAL=False, HAS_BIAS=bias is not None,
         EVEN_K=p.k % 64 == 0,

@@ -1,6 +1,8 @@
 """cuda.w8a8.gemv on a CPU: what it accepts and why not (can_implement reasons), the launch
 configuration (every output row and every K step covered exactly once, 16-byte aligned, no
-empty split), the compiled-variant defines, and that the registry / explain list it without a GPU."""
+empty split), the activation quantizer's grid (every 16-byte vector of a row cast by exactly one
+CTA), the compiled-variant defines (PDL / prefetch / quantizer switches), the kernels' argument
+lists, and that the registry / explain list it without a GPU."""
 from __future__ import annotations
 
 import pytest
@@ -164,7 +166,88 @@ def test_defines_name_one_variant_per_configuration():
 
 
 def test_signature_matches_the_kernel_parameters():
+    assert _params(gemv.CUDA_SOURCE, "w8a8_gemv") == gemv.SIGNATURE
+
+
+def _quant_cover(m, k, sms, threads):
+    """Replay w8a8_quant_act's index arithmetic: how often each (row, 8-element vector) is cast."""
+    c_per_row, rows = gemv.quant_grid(m, k, sms, threads)
+    v_count = k // 8
+    seen = torch.zeros(rows, v_count, dtype=torch.int64)
+    for row in range(rows):
+        for c in range(c_per_row):
+            for tid in range(threads):
+                seen[row, tid + c * threads::c_per_row * threads] += 1
+    return c_per_row, seen
+
+
+@settings(max_examples=30)
+@given(m=st.integers(1, 40), k8=st.integers(1, 4000), sms=st.sampled_from((1, 16, 132)),
+       threads=st.sampled_from((32, 128, 256)))
+def test_quantizer_grid_casts_every_vector_once(m, k8, sms, threads):
+    k = 8 * k8
+    c_per_row, seen = _quant_cover(m, k, sms, threads)
+    assert seen.shape == (m, k8)
+    assert bool((seen == 1).all()), "an activation vector is cast by no CTA or by two"
+    assert 1 <= c_per_row <= max(1, sms // m), "about one CTA per SM at most"
+    assert (c_per_row - 1) * threads < k8, "a CTA of the row with nothing to cast"
+
+
+def test_quantizer_uses_several_ctas_for_long_rows():
+    assert gemv.quant_grid(1, 12288, 132) == (6, 1)     # 1536 vectors, 256 threads: 6 rounds
+    assert gemv.quant_grid(16, 12288, 132) == (6, 16)
+    assert gemv.quant_grid(16, 3072, 132) == (2, 16)
+    assert gemv.quant_grid(200, 4096, 132) == (1, 200)
+
+
+def _params(source, name):
     import re
-    params = re.search(r"w8a8_gemv\(([^)]*)\)", gemv.CUDA_SOURCE).group(1).split(",")
-    kinds = "".join("p" if "*" in q else ("i" if q.split()[0] == "int" else "f") for q in params)
-    assert kinds == gemv.SIGNATURE
+    params = re.search(name + r"\(([^)]*)\)", source).group(1).split(",")
+    return "".join("p" if "*" in q else ("i" if q.split()[0] == "int" else "f") for q in params)
+
+
+def test_quantizer_signature_matches_the_kernel_parameters():
+    assert _params(gemv.QUANT_SOURCE, "w8a8_quant_act") == gemv.QUANT_SIGNATURE
+
+
+def test_pdl_switches_the_prefetch_define_and_defaults_on():
+    assert gemv.DEFAULT["pdl"] and gemv.DEFAULT["quant"] in gemv.QUANTIZERS
+    on = gemv.defines_for(True, 1, torch.bfloat16, dict(gemv.DEFAULT, pdl=True, PREFETCH=3))
+    off = gemv.defines_for(True, 1, torch.bfloat16, dict(gemv.DEFAULT, pdl=False, PREFETCH=3))
+    assert on["PREFETCH"] == 3 and off["PREFETCH"] == 0, "prefetching only pays while waiting under PDL"
+    # the kernel waits on the quantizer after its first weight loads and before any activation load
+    src = gemv.CUDA_SOURCE
+    body = src[src.index("w8a8_gemv(const"):]
+    first, wait, act = body.index("load_w_first("), body.index("grid_dependency_wait()"), body.index("load_x(")
+    assert first < wait < act
+    assert "griddepcontrol.wait" in src and "griddepcontrol.launch_dependents" in gemv.QUANT_SOURCE
+
+
+def test_all_variants_cover_pdl_on_off_and_the_quantizers():
+    ks = gemv.all_variants()
+    names = [k.name for k in ks]
+    assert names.count("w8a8_quant_act") == 4      # fp8 / int8 x bf16 / fp16
+    gemvs = [k for k in ks if k.name == "w8a8_gemv"]
+    assert len({k.key for k in gemvs}) == len(gemvs), "a variant listed twice"
+    assert {("#define PREFETCH 0" in k.source) for k in gemvs} == {True, False}
+    for k in gemvs:   # every dispatcher-reachable config compiles to one of these
+        assert "#define MINB 1" in k.source
+
+
+def test_unknown_quantizer_is_refused():
+    p = types_prepared()
+    with pytest.raises(omniq.KernelError, match="quant='nope'"):
+        gemv.run_gemv(torch.zeros(1, 64, dtype=torch.bfloat16), p, None, cfg=dict(gemv.DEFAULT, quant="nope"))
+
+
+def types_prepared():
+    from omniq.kernels import triton_w8a8 as w8a8
+    qw = omniq.get_scheme("fp8").quantize(torch.randn(32, 64), name="t.layer")
+    return w8a8.prepare_w8a8(qw, torch.device("cpu"))
+
+
+def test_quantize_cuda_checks_its_input():
+    with pytest.raises(omniq.KernelError, match="K % 8"):
+        gemv.quantize_cuda(torch.zeros(2, 12, dtype=torch.bfloat16), True)
+    with pytest.raises(omniq.KernelError, match="bf16 / fp16"):
+        gemv.quantize_cuda(torch.zeros(2, 16), False)

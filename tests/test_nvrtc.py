@@ -79,3 +79,102 @@ def test_bad_signature_and_reasons():
 def test_defines_become_a_header():
     k = nvrtc.NvrtcKernel("BODY", "h", "p", defines={"BF16": True, "MT": 2})
     assert k.source == "#define BF16 1\n#define MT 2\nBODY"
+
+
+# ---- cuLaunchKernelEx with Programmatic Dependent Launch ------------------------------------
+# cuda.h (CUDA 12.x, 64-bit): CUlaunchConfig_st {7 x unsigned int, [4 pad], CUstream hStream @32,
+# CUlaunchAttribute* attrs @40, unsigned int numAttrs @48, [4 pad]} = 56 bytes;
+# CUlaunchAttribute_st {CUlaunchAttributeID id (int32) @0, char pad[4], CUlaunchAttributeValue
+# value @8 (a 64-byte union)} = 72 bytes; CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6,
+# value.programmaticStreamSerializationAllowed is the union's first int.
+CONFIG_LAYOUT = "<7I4xQQI4x"
+ATTR_LAYOUT = "<i4x64s"
+
+
+@pytest.fixture
+def fake_ex_driver(monkeypatch):
+    state = {"version": 12040, "capability": (9, 0), "has_ex": True}
+    plain, ex = [], []
+
+    def launch(fn, gx, gy, gz, bx, by, bz, smem, stream, args, extra):
+        plain.append(dict(grid=(gx, gy, gz), block=(bx, by, bz)))
+        return 0
+
+    def launch_ex(cfg_ref, fn, args, extra):
+        # copy the bytes the driver would read, while the caller's objects are alive
+        cfg = cfg_ref._obj
+        raw = ctypes.string_at(ctypes.addressof(cfg), 56)
+        fields = struct.unpack(CONFIG_LAYOUT, raw)
+        n_attrs = fields[9]
+        attrs = ctypes.string_at(fields[8], 72 * n_attrs)
+        argv = [ctypes.string_at(args[j], 8) for j in range(3)]
+        ex.append(dict(raw=raw, fields=fields, attrs=attrs, fn=fn.value, args=argv, extra=extra))
+        return 0
+
+    def get_version(ref):
+        ref._obj.value = state["version"]
+        return 0
+
+    class Lib:
+        cuLaunchKernel = staticmethod(launch)
+        cuDriverGetVersion = staticmethod(get_version)
+
+        def __getattr__(self, name):
+            if name == "cuLaunchKernelEx" and state["has_ex"]:
+                return launch_ex
+            raise AttributeError(name)
+
+    monkeypatch.setattr(nvrtc, "_driver", lambda: Lib())
+    monkeypatch.setattr(nvrtc, "_LAUNCH", [])
+    monkeypatch.setattr(nvrtc, "_PDL", {})
+    monkeypatch.setattr(nvrtc, "_PDL_LOGGED", set())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx=None: state["capability"])
+    return state, plain, ex
+
+
+def _kernel():
+    k = nvrtc.NvrtcKernel("", "pdl_k", "pif")
+    k._funcs[0] = ctypes.c_void_p(77)
+    return k
+
+
+def test_pdl_launch_passes_cuda_h_structs(fake_ex_driver):
+    _, plain, ex = fake_ex_driver
+    t = torch.arange(2, dtype=torch.float32)
+    _kernel()(torch.device("cuda", 0), (7, 3), (96,), [t, -5, 2.5], shared_mem=40, pdl=True)
+    assert not plain and len(ex) == 1
+    c = ex[0]
+    assert c["fields"][:8] == (7, 3, 1, 96, 1, 1, 40, _FakeStream.cuda_stream)
+    assert c["fields"][9] == 1, "one launch attribute"
+    assert c["raw"][28:32] == b"\0\0\0\0" and c["raw"][52:56] == b"\0\0\0\0"
+    attr_id, value = struct.unpack(ATTR_LAYOUT, c["attrs"])
+    assert attr_id == 6, "CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION"
+    assert struct.unpack("<i", value[:4])[0] == 1 and value[4:] == bytes(60)
+    assert c["fn"] == 77 and c["extra"] is None
+    assert struct.unpack("Q", c["args"][0])[0] == t.data_ptr()
+    assert struct.unpack("i", c["args"][1][:4])[0] == -5
+    assert struct.unpack("f", c["args"][2][:4])[0] == 2.5
+
+
+def test_plain_launch_unless_asked(fake_ex_driver):
+    _, plain, ex = fake_ex_driver
+    _kernel()(torch.device("cuda", 0), (2,), (32,), [None, 1, 0.0])
+    assert len(plain) == 1 and not ex
+
+
+@pytest.mark.parametrize("what,words", [("has_ex", "no cuLaunchKernelEx"), ("version", "< 12.3"),
+                                        ("capability", "8.9 < 9.0")])
+def test_pdl_falls_back_with_a_logged_reason(fake_ex_driver, caplog, what, words):
+    state, plain, ex = fake_ex_driver
+    state.update(has_ex=False) if what == "has_ex" else None
+    state.update(version=12020) if what == "version" else None
+    state.update(capability=(8, 9)) if what == "capability" else None
+    with caplog.at_level("INFO", logger="omniq"):
+        for _ in range(3):
+            _kernel()(torch.device("cuda", 0), (4, 2), (64,), [None, 3, 1.0], pdl=True)
+    assert len(plain) == 3 and not ex
+    assert plain[0]["grid"] == (4, 2, 1) and plain[0]["block"] == (64, 1, 1)
+    assert words in nvrtc.pdl_reason(torch.device("cuda", 0))
+    logged = [r.getMessage() for r in caplog.records if "programmatic dependent launch" in r.getMessage()]
+    assert len(logged) == 1 and words in logged[0], "the reason is logged once"
