@@ -25,13 +25,10 @@ def configs(m: int) -> list[dict]:
     base = dict(affine.DEFAULTS["dqgemm"])
     if m <= 64:
         bm = max(16, 1 << (m - 1).bit_length())
-        grid = [(bn, u, st) for bn in (64, 128) for u in (1, 2) for st in (3, 4)]
-        return [dict(base, BLOCK_N=bn, BLOCK_M=bm, UNITS=u, num_warps=4, num_stages=st, SPLIT_K=None,
-                     waves=w, GROUP_N=1) for bn, u, st in grid for w in ((2.0,) if bn == 128 else (2.0, 4.0))]
-    grid = [(128, 128, 8, 1, 3), (128, 128, 8, 1, 4), (128, 128, 8, 2, 3), (128, 64, 4, 1, 4),
-            (128, 64, 4, 2, 3), (256, 128, 8, 1, 3), (128, 256, 8, 1, 3), (64, 128, 4, 1, 4)]
-    return [dict(base, BLOCK_N=bn, BLOCK_M=bm, num_warps=nw, UNITS=u, num_stages=st, SPLIT_K=1)
-            for bn, bm, nw, u, st in grid]
+        return [dict(base, BLOCK_N=bn, BLOCK_M=bm, UNITS=1, num_warps=4, num_stages=3, SPLIT_K=None, waves=2.0,
+                     GROUP_N=1, DECODE=dec, SWAP=swap) for bn in (64, 128) for dec in (0, 1) for swap in (True, False)]
+    return [dict(base, BLOCK_N=bn, BLOCK_M=bm, num_warps=8, UNITS=1, num_stages=3, SPLIT_K=1, DECODE=dec, SWAP=swap)
+            for bn, bm in ((128, 256), (256, 128), (128, 128)) for dec in (0, 1) for swap in (True, False)]
 
 
 def main():
@@ -71,7 +68,8 @@ def main():
                 cands.append((name, None, [lambda p_=p_, kern=kern: kern.run(x, p_, None) for p_ in preps]))
             for cfg in configs(m):
                 cands.append(("dqgemm " + " ".join(f"{a}={cfg[a]}" for a in ("BLOCK_N", "BLOCK_M", "UNITS",
-                                                                           "num_warps", "num_stages", "SPLIT_K")
+                                                                           "num_warps", "num_stages", "SPLIT_K",
+                                                                           "DECODE", "SWAP")
                                                     ) + (f" waves={cfg['waves']}" if not cfg["SPLIT_K"] else ""),
                               cfg, [lambda p_=p_, cfg=cfg: affine.run_dqgemm(x, p_, None, cfg) for p_ in preps]))
             best = run_candidates(rec, "int4", n, k, m, t_b, cands, ref, 2e-2)

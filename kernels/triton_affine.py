@@ -531,11 +531,17 @@ if triton is not None:
             M, N, K, KW, G, stride_xm, stride_ym, SPLIT_K,
             BITS: tl.constexpr, ZMODE: tl.constexpr, ZC: tl.constexpr, HAS_PERM: tl.constexpr,
             HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, UNITS: tl.constexpr,
+            DECODE: tl.constexpr, SWAP: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, USE_SPLIT: tl.constexpr, GROUP_N: tl.constexpr):
         """acc[n, m] = sum_k W[n, k] x[m, k] with W decoded in registers to the dot dtype, exactly
         as the dequant kernel writes it ((u - z) * s in fp32, rounded once), and ONE tensor-core
         dot per K tile of UNITS blocks (UNITS * PB deep): dequant_mm's numerics without its pass
-        over a bf16 copy of W. Groups hold whole K blocks (scale_at == 2)."""
+        over a bf16 copy of W. Groups hold whole K blocks (scale_at == 2).
+
+        DECODE 0: load the [BN, 16 * UNITS] word tile once and unpack it with a reshape;
+        DECODE 1: load each word once per value slot (a [BN, BK] gather that L1 serves) and
+        shift per column, so the tile is born in natural k order with no reshape.
+        SWAP: W is the dot's first operand (acc[n, m]); else x is (acc[m, n], transposed at the end)."""
         PER: tl.constexpr = 32 // BITS
         PB: tl.constexpr = 16 * PER
         WK: tl.constexpr = 16 * UNITS
@@ -551,30 +557,53 @@ if triton is not None:
         i0 = pid_k * per_split
         i1 = tl.minimum(i0 + per_split, n_iters)
         unit = tl.arange(0, UNITS)
-        shifts = tl.arange(0, PER) * BITS
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        c = tl.arange(0, BK)
+        if SWAP:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for it in range(i0, i1):
-            words = tl.load(qw_ptr + rn[:, None] * KW + (it * WK + tl.arange(0, WK))[None, :])
-            # [BN, UNITS, PER, 16] in natural k order: block j, value slot i, word r -> k = j*PB + i*16 + r
-            w4 = tl.reshape(words, (BLOCK_N, UNITS, 1, 16))
-            u = _codes_as_float((w4 >> shifts[None, None, :, None]) & ((1 << BITS) - 1))
-            gp = ((it * UNITS + unit) * PB // G)[None, :] * N + rn[:, None]        # [BN, UNITS]
-            sc = tl.load(s_ptr + gp).to(tl.float32)[:, :, None, None]
+            if DECODE == 0:
+                words = tl.load(qw_ptr + rn[:, None] * KW + (it * WK + tl.arange(0, WK))[None, :])
+                # [BN, UNITS, PER, 16] in natural k order: block j, slot i, word r -> k = j*PB + i*16 + r
+                w4 = tl.reshape(words, (BLOCK_N, UNITS, 1, 16))
+                u = _codes_as_float((w4 >> (tl.arange(0, PER) * BITS)[None, None, :, None]) & ((1 << BITS) - 1))
+                gp = ((it * UNITS + unit) * PB // G)[None, :] * N + rn[:, None]        # [BN, UNITS]
+                sc = tl.load(s_ptr + gp).to(tl.float32)[:, :, None, None]
+                if ZMODE == 1:
+                    zp = tl.load(z_ptr + gp).to(tl.float32)[:, :, None, None]
+                elif ZMODE == 2:
+                    zp = tl.load(z_ptr + gp).to(tl.float32)[:, :, None, None]
+            else:
+                # column c: block c // PB, slot (c % PB) // 16, word (c // PB) * 16 + c % 16
+                wcol = it * WK + (c // PB) * 16 + c % 16
+                words = tl.load(qw_ptr + rn[:, None] * KW + wcol[None, :])
+                u = _codes_as_float((words >> (((c % PB) // 16) * BITS)[None, :]) & ((1 << BITS) - 1))
+                gp = ((it * UNITS + c // PB) * PB // G)[None, :] * N + rn[:, None]     # [BN, BK]
+                sc = tl.load(s_ptr + gp).to(tl.float32)
+                if ZMODE != 0:
+                    zp = tl.load(z_ptr + gp).to(tl.float32)
             if ZMODE == 0:
                 w = (u - ZC) * sc
             elif ZMODE == 1:
-                w = (u - tl.load(z_ptr + gp).to(tl.float32)[:, :, None, None]) * sc
+                w = (u - zp) * sc
             else:
-                w = u * sc + tl.load(z_ptr + gp).to(tl.float32)[:, :, None, None]
+                w = u * sc + zp
             w = tl.reshape(w.to(DOT_DTYPE), (BLOCK_N, BK))
-            kk = it * BK + tl.arange(0, BK)
+            kk = it * BK + c
             ok = kk < K
             if HAS_PERM:
                 kx = tl.load(perm_ptr + kk, mask=ok, other=0)
             else:
                 kx = kk
-            xt = tl.load(x_ptr + rm[None, :] * stride_xm + kx[:, None], mask=ok[:, None], other=0.0)
-            acc = tl.dot(w, xt.to(DOT_DTYPE), acc, input_precision="ieee" if IEEE else None)
+            if SWAP:
+                xt = tl.load(x_ptr + rm[None, :] * stride_xm + kx[:, None], mask=ok[:, None], other=0.0)
+                acc = tl.dot(w, xt.to(DOT_DTYPE), acc, input_precision="ieee" if IEEE else None)
+            else:
+                xa = tl.load(x_ptr + rm[:, None] * stride_xm + kx[None, :], mask=ok[None, :], other=0.0)
+                acc = tl.dot(xa.to(DOT_DTYPE), tl.trans(w), acc, input_precision="ieee" if IEEE else None)
+        if not SWAP:
+            acc = tl.trans(acc)
         _tile_epilogue(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, offs_n, offs_m, N, M, stride_ym,
                        pid_n * tl.cdiv(M, BLOCK_M) + pid_m, tl.cdiv(N, BLOCK_N) * tl.cdiv(M, BLOCK_M), pid_k,
                        SPLIT_K, USE_SPLIT, HAS_BIAS, BLOCK_N, BLOCK_M)
@@ -784,7 +813,8 @@ def run_dqgemm(x: torch.Tensor, p: AffinePrepared, bias: torch.Tensor | None,
         bias if bias is not None else dummy, y, ws, cnt,
         m, p.n, p.k, p.qweight.shape[1], p.group_size, x.stride(0), y.stride(0), split,
         BITS=p.bits, ZMODE=p.zmode, ZC=p.zc, HAS_PERM=p.perm is not None, HAS_BIAS=bias is not None,
-        DOT_DTYPE=dot_dtype, IEEE=ieee, UNITS=units, BLOCK_N=bn, BLOCK_M=bm, USE_SPLIT=split > 1,
+        DOT_DTYPE=dot_dtype, IEEE=ieee, UNITS=units, DECODE=cfg.get("DECODE", 1), SWAP=cfg.get("SWAP", True),
+        BLOCK_N=bn, BLOCK_M=bm, USE_SPLIT=split > 1,
         GROUP_N=cfg.get("GROUP_N", 1), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
