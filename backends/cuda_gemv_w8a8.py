@@ -1,6 +1,8 @@
 """cuda.w8a8.gemv: omniq's NVRTC-compiled GEMV for fp8 / int8 W8A8 at decode-size M (1..16),
 dynamic per-token activations (code in omniq.kernels.cuda_w8a8_gemv). It shares the
 "triton.w8a8.v1" layout, so a layer switches between it and the GEMMs per M with one weight copy.
+Each call is two launches: the CUDA activation quantizer, then the GEMV with Programmatic
+Dependent Launch on sm_90+ (a plain launch elsewhere, the reason logged once).
 """
 from __future__ import annotations
 

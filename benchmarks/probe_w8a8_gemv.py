@@ -75,7 +75,7 @@ def table(ms, names, out_path, budget):
             e = "" if err is None else f" err {err:.2e}" + ("  WRONG" if err > 2e-2 else "")
             print(f"{name:5} {n:>5}x{k:<6} M={m:<3} {cfg:12} {us:8.2f} us {bf / us:6.2f}x bf16{e}", flush=True)
 
-    for n, k in SHAPES:
+    for n, k in sorted(SHAPES, key=lambda s: -s[1]):   # long K (the costliest quantizer) first
         wbs = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02 for _ in range(copies_for(n * k * 2))]
         for name in names:
             if time.time() - t0 > budget:

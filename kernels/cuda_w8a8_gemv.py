@@ -1,9 +1,22 @@
 """fp8 / int8 W8A8 for decode-size M (1..16) as one hand-written CUDA kernel, compiled at run
 time with NVRTC (omniq.kernels.nvrtc), over the "triton.w8a8.v1" layout.
 
-The activation is quantized first by the fused Triton quantizer (bit-exact with the schemes'
-`quantize_activation`); this kernel then computes y[m, n] = s_x[m] * s_w[n] * sum_k q[m, k] W[n, k]
-(+ bias) in x's dtype.
+The activation is quantized first (bit-exact with the schemes' `quantize_activation`); this kernel
+then computes y[m, n] = s_x[m] * s_w[n] * sum_k q[m, k] W[n, k] (+ bias) in x's dtype.
+
+Hiding the quantizer (cfg 'quant', 'pdl', 'PREFETCH'). The quantizer's time (2-6 us at decode M on
+an H200, against a 13-20 us GEMV) is mostly latency: a launch, one pass over a short row, a block
+reduction. Two things take it off the critical path:
+  * QUANT_SOURCE, a CUDA quantizer with several CTAs per row (each reads the whole row for the
+    amax, from L2 after the first, and casts only its share of 16-byte vectors: no CTA waits on
+    another), which executes `griddepcontrol.launch_dependents` first thing;
+  * the GEMV launched with Programmatic Dependent Launch (omniq.kernels.nvrtc, `pdl=True`): its
+    CTAs start while the quantizer runs, issue their first round of weight loads (and send the
+    next PREFETCH rounds to L2), then `griddepcontrol.wait` until the quantizer grid has finished
+    and its writes are visible, and only then read the codes and scales. Every write of the GEMV
+    (partials, counters, y) comes after the wait, so the result is bitwise the same as with a
+    plain launch, and the split-K counters shared per stream are never touched early. The Triton
+    quantizer (quant='triton') has no trigger: a PDL GEMV after it starts once its CTAs exit.
 
 Why mma.sync and not FMA: at M = 16 a CUDA-core dot costs 16 FFMA per weight byte for fp8
 (256 per 16-byte load), twice what an SM can issue while streaming 16 B/clk from HBM; a
@@ -43,7 +56,9 @@ scales and the bias and writes y, then resets the counter.
 
 An in-kernel activation quantizer (lowest-id CTAs quantize, the others wait on a flag) was
 measured no faster on the H200 than the Triton quantizer launched first, and it relied on those
-CTAs being scheduled while others spin; it was removed.
+CTAs being scheduled while others spin; it was removed. PDL needs no such assumption: the
+hardware launches the GEMV only once every quantizer CTA is resident (has triggered), and the
+wait is on grid completion, not on a flag.
 """
 from __future__ import annotations
 
@@ -83,13 +98,17 @@ typedef int acc_t;
 #endif
 
 // ---- memory ------------------------------------------------------------------------------
-// 16 weight bytes, streamed once: not kept in L1 (the activation lives there), 256 B L2 lines
+// 16 weight bytes, streamed once: not kept in L1 (the activation lives there), 256 B L2 lines.
+// FIRST: the round issued before griddepcontrol.wait, volatile so that it stays before it
+#define LD_WEIGHT_PTX "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n" \
+    " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n" \
+    " @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n" \
+    : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "r"(ok)
+template <bool FIRST>
 __device__ __forceinline__ U4 ld_weight(const unsigned char* p, int ok) {
     U4 r;
-    asm("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
-        " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-        " @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
-        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "r"(ok));
+    if constexpr (FIRST) asm volatile(LD_WEIGHT_PTX);
+    else asm(LD_WEIGHT_PTX);
     return r;
 }
 
@@ -100,16 +119,6 @@ __device__ __forceinline__ U4 ld_act(const unsigned char* p, int ok) {
                  " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
                  " @p ld.global.ca.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "r"(ok) : "memory");
-    return r;
-}
-
-// the first round of weights, issued before griddepcontrol.wait: volatile keeps it there
-__device__ __forceinline__ U4 ld_weight_first(const unsigned char* p, int ok) {
-    U4 r;
-    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
-                 " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-                 " @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "r"(ok));
     return r;
 }
 
@@ -252,6 +261,7 @@ struct Frag {
 #endif
 };
 
+template <bool FIRST>
 __device__ __forceinline__ void load_w(Frag& f, int s, int s_end, int K, int kt, const unsigned char* wa,
                                        const unsigned char* wb) {
 #pragma unroll
@@ -259,23 +269,16 @@ __device__ __forceinline__ void load_w(Frag& f, int s, int s_end, int K, int kt,
         const int ss = s + u;
         const int ok = (ss < s_end) && (ss * STEP + kt < K);
         const long long off = (long long)ss * STEP;
-        f.wa[u] = ld_weight(wa + off, ok);
-        f.wb[u] = ld_weight(wb + off, ok);
+        f.wa[u] = ld_weight<FIRST>(wa + off, ok);
+        f.wb[u] = ld_weight<FIRST>(wb + off, ok);
     }
 }
 
+// the first round, then the next PREFETCH rounds sent to L2 while the CTA waits for the quantizer
 __device__ __forceinline__ void load_w_first(Frag& f, int s, int s_end, int K, int kt, const unsigned char* wa,
                                              const unsigned char* wb) {
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-        const int ss = s + u;
-        const int ok = (ss < s_end) && (ss * STEP + kt < K);
-        const long long off = (long long)ss * STEP;
-        f.wa[u] = ld_weight_first(wa + off, ok);
-        f.wb[u] = ld_weight_first(wb + off, ok);
-    }
+    load_w<true>(f, s, s_end, K, kt, wa, wb);
 #if PREFETCH
-    // the next PREFETCH rounds go to L2 while the CTA waits for the quantizer
 #pragma unroll
     for (int r = 1; r <= PREFETCH; ++r)
 #pragma unroll
@@ -353,7 +356,7 @@ w8a8_gemv(const unsigned char* __restrict__ W, unsigned char* Xq,
     // double buffer: the next round's loads are in flight while this one is multiplied
     load_x(cur, s, s_end, K, kt, xa, xb);
     for (; s < s_end; s += STRIDE) {
-        load_w(nxt, s + STRIDE, s_end, K, kt, wa, wb);
+        load_w<false>(nxt, s + STRIDE, s_end, K, kt, wa, wb);
         load_x(nxt, s + STRIDE, s_end, K, kt, xa, xb);
         compute_frag(cur, acc);
         cur = nxt;
@@ -435,8 +438,9 @@ __device__ __forceinline__ float amax2(u32 w, float a) { return fmaxf(a, fmaxf(f
 #if IS_FP8
 // two scaled values -> two e4m3 codes (RNE; the clamp makes the cast saturating), lo in the low byte
 __device__ __forceinline__ u32 code2(u32 w, float s, float inv) {
-    const float a = fminf(fmaxf(__fdiv_rn(lo_f(w), s), -448.f), 448.f);
-    const float b = fminf(fmaxf(__fdiv_rn(hi_f(w), s), -448.f), 448.f);
+    // + 0: x = -0 gives code 0x00, as the Triton quantizer's grid rounding does (same value)
+    const float a = fminf(fmaxf(__fdiv_rn(lo_f(w), s), -448.f), 448.f) + 0.f;
+    const float b = fminf(fmaxf(__fdiv_rn(hi_f(w), s), -448.f), 448.f) + 0.f;
     unsigned short h;
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(h) : "f"(b), "f"(a));
     return h;
@@ -623,7 +627,8 @@ def quant_grid(m: int, k: int, sms: int, threads: int = QUANT_THREADS) -> tuple[
 
 def quantize_cuda(x: torch.Tensor, fp8: bool, threads: int = QUANT_THREADS):
     """(codes [M, K] int8 | e4m3, s_x fp32 [M]): dynamic symmetric per-token quantization, bit-exact
-    with the schemes' quantize_activation for finite x (a NaN in a row is dropped from its amax)."""
+    with the schemes' quantize_activation for finite x (NaN / inf are not reproduced: fmaxf drops
+    a NaN from the amax)."""
     from omniq.kernels._common import sm_count
     m, k = x.shape
     if k % 8 or x.dtype not in (torch.bfloat16, torch.float16):
@@ -635,6 +640,8 @@ def quantize_cuda(x: torch.Tensor, fp8: bool, threads: int = QUANT_THREADS):
             x = x.clone()
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, s, None
     from omniq.kernels.triton_w8a8 import TOKEN_SCALE_MIN
     quant_kernel_for(fp8, x.dtype, threads)(x.device, quant_grid(m, k, sm_count(x.device), threads), (threads,),
                                             [x, q, s, k, x.stride(0), TOKEN_SCALE_MIN])
@@ -645,7 +652,7 @@ def run_gemv(x: torch.Tensor, p, bias: torch.Tensor | None, cfg: dict | None = N
              out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y[M, N] in x.dtype (or out_dtype: fp32 for diagnostics) for a prepared fp8 / int8 W8A8 weight
     with dynamic per-token activations; x is quantized first by cfg['quant'] (or given as
-    xq = (q, s_x, azp)), and the GEMV launched with PDL when cfg['pdl']."""
+    xq = (q, s_x, azp)), and the GEMV launched with PDL when cfg['pdl'] and xq is None."""
     from omniq.kernels import triton_w8a8 as w8a8
     from omniq.kernels._common import sm_count, tile_counters
     m, k = x.shape
@@ -663,6 +670,9 @@ def run_gemv(x: torch.Tensor, p, bias: torch.Tensor | None, cfg: dict | None = N
     if cfg.get("quant", "triton") not in QUANTIZERS:
         raise KernelError(f"{where(p.name)}cuda.w8a8.gemv: quant={cfg['quant']!r}, not one of {QUANTIZERS}")
     dev = x.device
+    # PDL only right after this call's own quantizer: the GEMV reads the weight before it waits,
+    # which is safe because the quantizer (a plain launch) began after every earlier kernel ended
+    pdl = bool(cfg.get("pdl")) and xq is None
     if xq is None:
         xq = quantize_cuda(x, p.fp8) if cfg.get("quant") == "cuda" else w8a8.quantize_prepared_activation(x, p)
     q, xs, _ = xq
@@ -682,5 +692,5 @@ def run_gemv(x: torch.Tensor, p, bias: torch.Tensor | None, cfg: dict | None = N
     kern = kernel_for(defines_for(p.fp8, lc["mt"], y.dtype, cfg))
     kern(dev, lc["grid"], lc["block"],
          [p.weight, q, p.w_scale, xs, bias, y, partials, counters, m, p.n, k, lc["steps_per_split"], bias_kind],
-         pdl=bool(cfg.get("pdl")))
+         pdl=pdl)
     return y

@@ -214,11 +214,15 @@ class NvrtcKernel:
         if pdl:
             why = pdl_reason(device)
             if why is None:
-                cfg, attr = pdl_config(g, b, shared_mem, stream.cuda_stream)
+                cfg, _attr = pdl_config(g, b, shared_mem, stream.cuda_stream)   # _attr kept alive: cfg points at it
                 res = _PDL["fn"](ctypes.byref(cfg), fn, arr, None)
-                if res != 0:
+                if res == 0:
+                    return
+                if torch.cuda.is_current_stream_capturing():
                     raise RuntimeError(f"omniq: cuLaunchKernelEx({self.name}, PDL) failed with CUDA error {res}")
-                return
+                # a driver that refuses the attribute: plain launches from now on
+                why = f"cuLaunchKernelEx failed with CUDA error {res}"
+                _PDL.update(fn=None, why=why)
             if why not in _PDL_LOGGED:
                 _PDL_LOGGED.add(why)
                 log.info("omniq: %s launched without programmatic dependent launch: %s", self.name, why)

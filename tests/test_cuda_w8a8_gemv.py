@@ -251,3 +251,56 @@ def test_quantize_cuda_checks_its_input():
         gemv.quantize_cuda(torch.zeros(2, 12, dtype=torch.bfloat16), True)
     with pytest.raises(omniq.KernelError, match="bf16 / fp16"):
         gemv.quantize_cuda(torch.zeros(2, 16), False)
+
+
+class _Recorder:
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def __call__(self, device, grid, block, args, shared_mem=0, pdl=False):
+        self.log.append(dict(name=self.name, grid=tuple(grid), block=tuple(block), args=args, pdl=pdl))
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """run_gemv on the CPU with the NVRTC launches recorded instead of run."""
+    from omniq.kernels import triton_w8a8 as w8a8
+    log = []
+    monkeypatch.setattr(gemv, "kernel_for", lambda defines, *a, **k: _Recorder(log, "gemv"))
+    monkeypatch.setattr(gemv, "quant_kernel_for", lambda *a, **k: _Recorder(log, "quant"))
+
+    def triton_quant(x, p):
+        log.append(dict(name="triton_quant"))
+        return torch.zeros(x.shape, dtype=torch.int8), torch.ones(x.shape[0]), None
+    monkeypatch.setattr(w8a8, "quantize_prepared_activation", triton_quant)
+    qw = omniq.get_scheme("int8").quantize(torch.randn(48, 4096), name="t.layer")
+    return log, w8a8.prepare_w8a8(qw, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("quant,pdl", [("cuda", True), ("cuda", False), ("triton", True), ("triton", False)])
+def test_run_gemv_launches_quantizer_then_gemv(recorded, quant, pdl):
+    import struct
+    from omniq.kernels.triton_w8a8 import TOKEN_SCALE_MIN
+    log, p = recorded
+    x = torch.randn(5, 4096).to(torch.bfloat16)
+    gemv.run_gemv(x, p, None, cfg=dict(gemv.DEFAULT, quant=quant, pdl=pdl))
+    assert [c["name"] for c in log] == [("quant" if quant == "cuda" else "triton_quant"), "gemv"]
+    assert log[1]["pdl"] is pdl
+    if quant == "cuda":
+        q = log[0]
+        assert q["grid"] == gemv.quant_grid(5, 4096, 4) and q["block"] == (gemv.QUANT_THREADS,)
+        xa, qa, sa, k, ldx, tmin = q["args"]
+        assert xa is x and qa.shape == (5, 4096) and qa.dtype == torch.int8 and sa.shape == (5,)
+        assert (k, ldx) == (4096, 4096) and tmin == TOKEN_SCALE_MIN
+        assert log[1]["args"][1] is qa and log[1]["args"][3] is sa, "the GEMV reads this call's codes and scales"
+        assert struct.pack("f", tmin) == struct.pack("f", 1.0 / 229376.0)
+
+
+def test_run_gemv_with_given_codes_never_uses_pdl(recorded):
+    """The GEMV reads the weight before its griddepcontrol.wait; that is only safe right after this
+    call's own quantizer, so precomputed codes mean a plain launch."""
+    log, p = recorded
+    x = torch.randn(2, 4096).to(torch.bfloat16)
+    xq = (torch.zeros(2, 4096, dtype=torch.int8), torch.ones(2), None)
+    gemv.run_gemv(x, p, None, cfg=dict(gemv.DEFAULT, pdl=True), xq=xq)
+    assert [c["name"] for c in log] == ["gemv"] and log[0]["pdl"] is False

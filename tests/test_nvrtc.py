@@ -93,7 +93,7 @@ ATTR_LAYOUT = "<i4x64s"
 
 @pytest.fixture
 def fake_ex_driver(monkeypatch):
-    state = {"version": 12040, "capability": (9, 0), "has_ex": True}
+    state = {"version": 12040, "capability": (9, 0), "has_ex": True, "ex_result": 0}
     plain, ex = [], []
 
     def launch(fn, gx, gy, gz, bx, by, bz, smem, stream, args, extra):
@@ -109,7 +109,7 @@ def fake_ex_driver(monkeypatch):
         attrs = ctypes.string_at(fields[8], 72 * n_attrs)
         argv = [ctypes.string_at(args[j], 8) for j in range(3)]
         ex.append(dict(raw=raw, fields=fields, attrs=attrs, fn=fn.value, args=argv, extra=extra))
-        return 0
+        return state["ex_result"]
 
     def get_version(ref):
         ref._obj.value = state["version"]
@@ -178,3 +178,27 @@ def test_pdl_falls_back_with_a_logged_reason(fake_ex_driver, caplog, what, words
     assert words in nvrtc.pdl_reason(torch.device("cuda", 0))
     logged = [r.getMessage() for r in caplog.records if "programmatic dependent launch" in r.getMessage()]
     assert len(logged) == 1 and words in logged[0], "the reason is logged once"
+
+
+def test_refused_pdl_launch_falls_back_for_good(fake_ex_driver, monkeypatch, caplog):
+    """A driver that rejects the launch attribute (outside stream capture): that launch and every
+    later one go through cuLaunchKernel, with the error as the logged reason."""
+    state, plain, ex = fake_ex_driver
+    state["ex_result"] = 1   # CUDA_ERROR_INVALID_VALUE
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with caplog.at_level("INFO", logger="omniq"):
+        for _ in range(3):
+            _kernel()(torch.device("cuda", 0), (1,), (32,), [None, 0, 0.0], pdl=True)
+    assert len(ex) == 1 and len(plain) == 3
+    assert "CUDA error 1" in nvrtc.pdl_reason(torch.device("cuda", 0))
+    assert sum("CUDA error 1" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_refused_pdl_launch_under_capture_raises(fake_ex_driver, monkeypatch):
+    """Under capture a failed launch has already invalidated the capture: no silent retry."""
+    state, plain, ex = fake_ex_driver
+    state["ex_result"] = 700
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="CUDA error 700"):
+        _kernel()(torch.device("cuda", 0), (1,), (32,), [None, 0, 0.0], pdl=True)
+    assert not plain
