@@ -436,11 +436,19 @@ __device__ __forceinline__ float hi_f(u32 w) {
 __device__ __forceinline__ float amax2(u32 w, float a) { return fmaxf(a, fmaxf(fabsf(lo_f(w)), fabsf(hi_f(w)))); }
 
 #if IS_FP8
-// two scaled values -> two e4m3 codes (RNE; the clamp makes the cast saturating), lo in the low byte
+// v (|v| <= 448) rounded half-to-even onto the E4M3 grid in fp32, the same arithmetic as the Triton
+// quantizer's _e4m3_grid (so the two agree bit for bit, signed zeros included); the cast after it
+// is then exact. Below 2^-6 (exponent field 121) the grid step stays 2^-9.
+__device__ __forceinline__ float e4m3_grid(float v) {
+    const float a = fabsf(v);
+    const int e = max((__float_as_int(a) >> 23) & 0xFF, 121);
+    const float r = rintf(__fmul_rn(a, __int_as_float((257 - e) << 23))) * __int_as_float((e - 3) << 23);
+    return v < 0.f ? -r : r;
+}
+// two scaled values -> two e4m3 codes (the clamp makes the cast saturating), lo in the low byte
 __device__ __forceinline__ u32 code2(u32 w, float s, float inv) {
-    // + 0: x = -0 gives code 0x00, as the Triton quantizer's grid rounding does (same value)
-    const float a = fminf(fmaxf(__fdiv_rn(lo_f(w), s), -448.f), 448.f) + 0.f;
-    const float b = fminf(fmaxf(__fdiv_rn(hi_f(w), s), -448.f), 448.f) + 0.f;
+    const float a = e4m3_grid(fminf(fmaxf(__fdiv_rn(lo_f(w), s), -448.f), 448.f));
+    const float b = e4m3_grid(fminf(fmaxf(__fdiv_rn(hi_f(w), s), -448.f), 448.f));
     unsigned short h;
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(h) : "f"(b), "f"(a));
     return h;
@@ -512,9 +520,12 @@ SMEM_LIMIT = 48 * 1024        # static shared memory of one CTA
 # ctas_per_sm sizes the K split (about one resident wave)
 # pdl: launch the GEMV with Programmatic Dependent Launch (sm_90+; elsewhere a plain launch);
 # quant: "cuda" (QUANT_SOURCE: several CTAs per row, lets the PDL GEMV start at once) or "triton"
-# (triton_w8a8's quantizer); PREFETCH: weight rounds sent to L2 before the GEMV waits (PDL only)
+# (triton_w8a8's quantizer); PREFETCH: weight rounds sent to L2 before the GEMV waits (PDL only).
+# H200 (benchmarks/results/h200-2026-11-29b/probe_w8a8_pdl.txt): cuda + PDL + PREFETCH 0 is the
+# fastest or within 2 % of it in 17 of 18 cells (fp8 3072x12288 M=1: 19.1 -> 15.2 us); PREFETCH 2-4
+# costs up to 2 us on int8 and on 12288x3072.
 DEFAULT = {"WN": 1, "WK": 4, "UNROLL": 2, "ctas_per_sm": 4, "MINB": 1, "FP8_MODE": FP8_F16,
-           "pdl": True, "quant": "cuda", "PREFETCH": 2}
+           "pdl": True, "quant": "cuda", "PREFETCH": 0}
 # (fp8|int8, N, K, MT): measured bests on an H200 (benchmarks/probe_w8a8_gemv.py --sweep, whole call
 # with the activation quantizer; the sweep's timings vary by ~5 % between runs)
 _M16 = {"WN": 2, "WK": 4, "UNROLL": 1, "ctas_per_sm": 2}

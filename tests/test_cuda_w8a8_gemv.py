@@ -229,7 +229,9 @@ def test_all_variants_cover_pdl_on_off_and_the_quantizers():
     assert names.count("w8a8_quant_act") == 4      # fp8 / int8 x bf16 / fp16
     gemvs = [k for k in ks if k.name == "w8a8_gemv"]
     assert len({k.key for k in gemvs}) == len(gemvs), "a variant listed twice"
-    assert {("#define PREFETCH 0" in k.source) for k in gemvs} == {True, False}
+    # PDL-off variants never prefetch; PDL-on ones use DEFAULT's depth
+    want = {"#define PREFETCH 0", f"#define PREFETCH {gemv.DEFAULT['PREFETCH']}"}
+    assert {ln for k in gemvs for ln in k.source.splitlines() if ln.startswith("#define PREFETCH")} == want
     for k in gemvs:   # every dispatcher-reachable config compiles to one of these
         assert "#define MINB 1" in k.source
 
