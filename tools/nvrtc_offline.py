@@ -8,6 +8,8 @@ and cuobjdump (Triton's wheel carries one). Then:
     NVRTC_LIB=/tmp/nvrtc/nvidia/cu13/lib/libnvrtc.so.13 python tools/nvrtc_offline.py \
         cuda_affine_mma cuda_fp4_mma [--hashes out.json]
 Each module named must define all_variants() -> [NvrtcKernel].
+Modules: cuda_affine_mma, cuda_fp4_mma, cuda_mxfp8_gemv (W8A16 / W8A8 with the Triton quantizer
+first, and QX 1: the in-kernel quantizer, one variant per scale rule).
 """
 from __future__ import annotations
 
