@@ -1,6 +1,6 @@
 """Triton kernels for the integer and W8A8 families (registrations only; code in omniq.kernels).
 
-triton.affine.{gemv,splitk,gemm,dqgemm,dequant_mm}
+triton.affine.{gemv,splitk,gemm,dequant_mm}
                                    grouped integer weight-only (GPTQ incl. act-order, AWQ,
                                    AutoRound, int8 weight-only) and msModelSlim W4A8 dynamic
                                    (splitk / gemm), over one layout "triton.affine.v1"
@@ -92,28 +92,6 @@ class AffineGemm(_Affine):
     name = "triton.affine.gemm"
     priority = 10
     mode = "gemm"
-
-
-@register_kernel
-class AffineDqGemm(_Affine):
-    """Tensor-core GEMM over W decoded in registers to x's dtype (dequant_mm's rounding, no bf16
-    copy of W in memory), one wide dot per K tile; split-K at small M."""
-    name = "triton.affine.dqgemm"
-    priority = 14
-    a8 = False
-
-    def can_implement(self, pr):
-        bits = getattr(pr.scheme, "bits", 8 if pr.scheme.name == "int8" else 4)
-        gs = getattr(pr.scheme, "group_size", None)
-        g = pr.k if not gs or gs < 0 else gs
-        pb = affine.WORDS_PER_BLOCK * (32 // bits) if bits in affine.SUPPORTED_BITS else 0
-        if pb and g < pr.k and g % pb:
-            return (f"group_size={g}: triton.affine.dqgemm needs groups of whole {pb}-wide K blocks; "
-                    f"triton.affine.gemm / dequant_mm serve it")
-        return super().can_implement(pr)
-
-    def run(self, x, p, bias):
-        return affine.run_dqgemm(x, p, bias)
 
 
 @register_kernel

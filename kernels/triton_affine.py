@@ -526,89 +526,6 @@ if triton is not None:
                        pid_n, tl.cdiv(N, BLOCK_N), pid_k, SPLIT_K, USE_SPLIT, HAS_BIAS, BLOCK_N, BLOCK_M)
 
     @triton.jit
-    def _affine_dqgemm_kernel(
-            x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-            M, N, K, KW, G, stride_xm, stride_ym, SPLIT_K,
-            BITS: tl.constexpr, ZMODE: tl.constexpr, ZC: tl.constexpr, HAS_PERM: tl.constexpr,
-            HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, UNITS: tl.constexpr,
-            DECODE: tl.constexpr, SWAP: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, USE_SPLIT: tl.constexpr, GROUP_N: tl.constexpr):
-        """acc[n, m] = sum_k W[n, k] x[m, k] with W decoded in registers to the dot dtype, exactly
-        as the dequant kernel writes it ((u - z) * s in fp32, rounded once), and ONE tensor-core
-        dot per K tile of UNITS blocks (UNITS * PB deep): dequant_mm's numerics without its pass
-        over a bf16 copy of W. Groups hold whole K blocks (scale_at == 2).
-
-        DECODE 0: load the [BN, 16 * UNITS] word tile once and unpack it with a reshape;
-        DECODE 1: load each word once per value slot (a [BN, BK] gather that L1 serves) and
-        shift per column, so the tile is born in natural k order with no reshape.
-        SWAP: W is the dot's first operand (acc[n, m]); else x is (acc[m, n], transposed at the end)."""
-        PER: tl.constexpr = 32 // BITS
-        PB: tl.constexpr = 16 * PER
-        WK: tl.constexpr = 16 * UNITS
-        BK: tl.constexpr = PB * UNITS
-        pid_n, pid_m = _grouped_tile(tl.program_id(0), N, M, BLOCK_N, BLOCK_M, GROUP_N)
-        pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.minimum(offs_n, N - 1)
-        rm = tl.minimum(offs_m, M - 1)
-        n_iters = KW // WK
-        per_split = tl.cdiv(n_iters, SPLIT_K)
-        i0 = pid_k * per_split
-        i1 = tl.minimum(i0 + per_split, n_iters)
-        unit = tl.arange(0, UNITS)
-        c = tl.arange(0, BK)
-        if SWAP:
-            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for it in range(i0, i1):
-            if DECODE == 0:
-                words = tl.load(qw_ptr + rn[:, None] * KW + (it * WK + tl.arange(0, WK))[None, :])
-                # [BN, UNITS, PER, 16] in natural k order: block j, slot i, word r -> k = j*PB + i*16 + r
-                w4 = tl.reshape(words, (BLOCK_N, UNITS, 1, 16))
-                u = _codes_as_float((w4 >> (tl.arange(0, PER) * BITS)[None, None, :, None]) & ((1 << BITS) - 1))
-                gp = ((it * UNITS + unit) * PB // G)[None, :] * N + rn[:, None]        # [BN, UNITS]
-                sc = tl.load(s_ptr + gp).to(tl.float32)[:, :, None, None]
-                if ZMODE == 1:
-                    zp = tl.load(z_ptr + gp).to(tl.float32)[:, :, None, None]
-                elif ZMODE == 2:
-                    zp = tl.load(z_ptr + gp).to(tl.float32)[:, :, None, None]
-            else:
-                # column c: block c // PB, slot (c % PB) // 16, word (c // PB) * 16 + c % 16
-                wcol = it * WK + (c // PB) * 16 + c % 16
-                words = tl.load(qw_ptr + rn[:, None] * KW + wcol[None, :])
-                u = _codes_as_float((words >> (((c % PB) // 16) * BITS)[None, :]) & ((1 << BITS) - 1))
-                gp = ((it * UNITS + c // PB) * PB // G)[None, :] * N + rn[:, None]     # [BN, BK]
-                sc = tl.load(s_ptr + gp).to(tl.float32)
-                if ZMODE != 0:
-                    zp = tl.load(z_ptr + gp).to(tl.float32)
-            if ZMODE == 0:
-                w = (u - ZC) * sc
-            elif ZMODE == 1:
-                w = (u - zp) * sc
-            else:
-                w = u * sc + zp
-            w = tl.reshape(w.to(DOT_DTYPE), (BLOCK_N, BK))
-            kk = it * BK + c
-            ok = kk < K
-            if HAS_PERM:
-                kx = tl.load(perm_ptr + kk, mask=ok, other=0)
-            else:
-                kx = kk
-            if SWAP:
-                xt = tl.load(x_ptr + rm[None, :] * stride_xm + kx[:, None], mask=ok[:, None], other=0.0)
-                acc = tl.dot(w, xt.to(DOT_DTYPE), acc, input_precision="ieee" if IEEE else None)
-            else:
-                xa = tl.load(x_ptr + rm[:, None] * stride_xm + kx[None, :], mask=ok[None, :], other=0.0)
-                acc = tl.dot(xa.to(DOT_DTYPE), tl.trans(w), acc, input_precision="ieee" if IEEE else None)
-        if not SWAP:
-            acc = tl.trans(acc)
-        _tile_epilogue(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, offs_n, offs_m, N, M, stride_ym,
-                       pid_n * tl.cdiv(M, BLOCK_M) + pid_m, tl.cdiv(N, BLOCK_N) * tl.cdiv(M, BLOCK_M), pid_k,
-                       SPLIT_K, USE_SPLIT, HAS_BIAS, BLOCK_N, BLOCK_M)
-
-    @triton.jit
     def _affine_dequant_kernel(qw_ptr, s_ptr, z_ptr, gidx_ptr, w_ptr, N, K, KW, G,
                                BITS: tl.constexpr, ZMODE: tl.constexpr, ZC: tl.constexpr,
                                SCALE_AT: tl.constexpr, HAS_GIDX: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -664,18 +581,12 @@ DEFAULTS = {
                "ASM": True},
     "gemm": {"BLOCK_N": 128, "BLOCK_M": 128, "num_warps": 8, "num_stages": 3, "GROUP_N": 8, "SPLIT_K": 1},
     "dequant": {"BLOCK_N": 64, "BLOCKS": 2, "num_warps": 4},
-    "dqgemm": {"BLOCK_N": 128, "BLOCK_M": 128, "UNITS": 1, "num_warps": 8, "num_stages": 4, "GROUP_N": 8,
-               "SPLIT_K": 1},
 }
 # M bucket refinements of the defaults (applied before TUNED)
 BY_M = {
     ("gemm", 32): {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4},
     ("gemm", 64): {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4},
     ("gemm", 128): {"BLOCK_M": 64, "BLOCK_N": 128},
-    ("dqgemm", 16): {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "SPLIT_K": None, "waves": 2.0},
-    ("dqgemm", 32): {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "SPLIT_K": None, "waves": 2.0},
-    ("dqgemm", 64): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "SPLIT_K": None, "waves": 2.0},
-    ("dqgemm", 128): {"BLOCK_M": 64},
     ("splitk", 32): {"BLOCK_M": 32},
     ("splitk", 64): {"BLOCK_M": 64},
 }
@@ -775,47 +686,6 @@ def run_dot(x: torch.Tensor, p: AffinePrepared, bias: torch.Tensor | None, kind:
         DOT_DTYPE=dot_dtype, IEEE=ieee, ASM=asm, XQ=act_int8,
         BLOCK_N=bn, BLOCK_M=bm, USE_SPLIT=split > 1, GROUP_N=cfg.get("GROUP_N", 1),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return y
-
-
-def dqgemm_reason(p: AffinePrepared) -> str | None:
-    """Why the dequantize-in-registers GEMM cannot run this layout, or None."""
-    if p.g_idx is not None or scale_at(p) != 2:
-        return (f"group_size={p.group_size}: the in-register dequant GEMM needs groups of whole "
-                f"{WORDS_PER_BLOCK * (32 // p.bits)}-wide K blocks (no irregular g_idx)")
-    if p.act_int8:
-        return "int8 activations (W4A8) run on triton.affine.splitk / .gemm"
-    return None
-
-
-def run_dqgemm(x: torch.Tensor, p: AffinePrepared, bias: torch.Tensor | None,
-               cfg: dict | None = None) -> torch.Tensor:
-    """y[M, N] = x @ W^T (+ bias) with W decoded in registers to x's dtype (dequant_mm's rounding)
-    and one wide tensor-core dot per K tile; split-K for small M."""
-    why = dqgemm_reason(p)
-    if why:
-        raise KernelError(f"{where(p.name)}{why}")
-    m = x.shape[0]
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    cfg = dict(cfg or config_for("dqgemm", m, p.n, p.k, x.device))
-    n_blocks = p.qweight.shape[1] // WORDS_PER_BLOCK
-    units = max(1, min(cfg["UNITS"], n_blocks))
-    while n_blocks % units:
-        units //= 2
-    bn, bm, tiles, split = launch_grid(cfg, p.n, m, n_blocks // units, x.device)
-    dot_dtype, ieee = float_dot_dtype(x.dtype)
-    y = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
-    ws, cnt = split_workspace(split, tiles, bn, bm, x.device, tile_counters)
-    dummy = p.scales
-    _affine_dqgemm_kernel[(tiles, split)](
-        x, p.qweight, p.scales, p.zeros if p.zeros is not None else dummy, p.perm if p.perm is not None else dummy,
-        bias if bias is not None else dummy, y, ws, cnt,
-        m, p.n, p.k, p.qweight.shape[1], p.group_size, x.stride(0), y.stride(0), split,
-        BITS=p.bits, ZMODE=p.zmode, ZC=p.zc, HAS_PERM=p.perm is not None, HAS_BIAS=bias is not None,
-        DOT_DTYPE=dot_dtype, IEEE=ieee, UNITS=units, DECODE=cfg.get("DECODE", 1), SWAP=cfg.get("SWAP", True),
-        BLOCK_N=bn, BLOCK_M=bm, USE_SPLIT=split > 1,
-        GROUP_N=cfg.get("GROUP_N", 1), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 

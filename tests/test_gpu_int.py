@@ -10,8 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import omniq
-from omniq.dispatch import get_kernel
-from omniq.dispatch.kernel import Problem
 from omniq.kernels import triton_affine as affine
 from omniq.kernels import triton_w8a8 as w8a8
 
@@ -38,23 +36,20 @@ def _check(kernel, sch, qw, x, bias, dot_rel=0.0):
 
 
 @pytest.mark.parametrize("kernel,max_m", [("triton.affine.gemv", 4), ("triton.affine.splitk", 64),
-                                          ("triton.affine.gemm", 300), ("triton.affine.dqgemm", 300),
-                                          ("triton.affine.dequant_mm", 300)])
+                                          ("triton.affine.gemm", 300), ("triton.affine.dequant_mm", 300)])
 @settings(max_examples=6)
 @given(data=st.data())
 def test_affine_kernels_compiled(kernel, max_m, data):
     sch, n, k = data.draw(affine_cases(small_n=False))
-    if kernel.endswith(("gemv", "dqgemm", "dequant_mm")) and sch.name == "w4a8_dynamic":
+    if kernel.endswith(("gemv", "dequant_mm")) and sch.name == "w4a8_dynamic":
         return
-    if kernel.endswith("dqgemm") and get_kernel(kernel).can_implement(Problem(sch, n, k, 1, torch.bfloat16, GPU)):
-        return  # groups inside a K block: refused with the reason (tests/test_triton_int.py)
     qw = quantized(sch, n, k, data.draw(st.integers(0, 2**31 - 1)))
     x = data.draw(activations(k, max_m, dtypes=HALF)).to(GPU)
     if kernel.endswith("dequant_mm"):
         x = x.reshape(-1, k).repeat(-(-affine.DEQUANT_MM_MIN_M // x.reshape(-1, k).shape[0]), 1)
     bias = None if data.draw(st.booleans()) else make_tensor((n,), "normal", 1).to(GPU, x.dtype)
-    # dequant_mm and dqgemm round the weight to x's dtype before the dot: half an ulp per weight
-    _check(kernel, sch, qw, x, bias, HALF_ULP[x.dtype] if kernel.endswith(("dqgemm", "dequant_mm")) else 0.0)
+    # dequant_mm rounds the weight to x's dtype before cuBLAS: half an ulp per weight
+    _check(kernel, sch, qw, x, bias, HALF_ULP[x.dtype] if kernel.endswith("dequant_mm") else 0.0)
 
 
 @pytest.mark.parametrize("dtype", HALF)

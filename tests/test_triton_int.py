@@ -12,8 +12,6 @@ from hypothesis import strategies as st
 
 import omniq
 from omniq.errors import KernelError
-from omniq.dispatch import get_kernel
-from omniq.dispatch.kernel import Problem
 from omniq.kernels import triton_affine as affine
 from omniq.kernels import triton_w8a8 as w8a8
 
@@ -27,9 +25,7 @@ pytestmark = pytest.mark.skipif(not affine.interpreting(),
 
 CPU = torch.device("cpu")
 AFFINE_KERNELS = {"triton.affine.gemv": affine.GEMV_MAX_M, "triton.affine.splitk": 40, "triton.affine.gemm": 40,
-                  "triton.affine.dqgemm": 40, "triton.affine.dequant_mm": 40}
-# kernels that hand the tensor cores W rounded to x's dtype: half an ulp per weight
-ROUNDED_WEIGHT = ("triton.affine.dqgemm", "triton.affine.dequant_mm")
+                  "triton.affine.dequant_mm": 40}
 W8A8_KERNELS = {"triton.w8a8.splitk": 40, "triton.w8a8.gemm": 40}
 
 
@@ -53,21 +49,17 @@ def _run_forced(kernel: str, qw, x, bias):
 @given(data=st.data())
 def test_affine_kernel_matches_scheme_matmul(kernel, data):
     sch, n, k = data.draw(affine_cases())
-    if kernel in ("triton.affine.gemv", "triton.affine.dqgemm", "triton.affine.dequant_mm") \
-            and sch.name == "w4a8_dynamic":
+    if kernel in ("triton.affine.gemv", "triton.affine.dequant_mm") and sch.name == "w4a8_dynamic":
         return  # W4A8 runs on the tensor-core kernels (the others reject it, tested below)
     qw = quantized(sch, n, k, data.draw(st.integers(0, 2**31 - 1)))
     x = data.draw(activations(k, AFFINE_KERNELS[kernel]))
-    why = get_kernel(kernel).can_implement(Problem(sch, n, k, 1, x.dtype, CPU))
-    if kernel == "triton.affine.dqgemm" and why:
-        assert "whole" in why, why  # groups inside a K block: refused with the reason (tested below)
-        return
     if kernel == "triton.affine.dequant_mm":
         x = x.reshape(-1, k).repeat(-(-affine.DEQUANT_MM_MIN_M // x.reshape(-1, k).shape[0]), 1)
     bias = _bias(data.draw, n)
     y = _run_forced(kernel, qw, x, bias)
     ref = sch.matmul(x, qw, bias)
-    dot_rel = HALF_ULP[x.dtype] if kernel in ROUNDED_WEIGHT else 0.0
+    # dequant_mm hands torch a weight rounded to x's dtype: half an ulp per weight
+    dot_rel = HALF_ULP[x.dtype] if kernel.endswith("dequant_mm") else 0.0
     assert_within(y, ref, error_bound(x, qw, ref, bias, dot_rel), f"{kernel} {sch.key} N={n} K={k} x={tuple(x.shape)}")
 
 
@@ -253,16 +245,3 @@ def test_prepared_layouts_keep_the_memory_promise(name, params):
         except KernelError:
             continue  # the layout does not take this scheme
         assert _nbytes(prepared) <= 1.05 * sch.nominal_nbytes(n, k), (layout.name, _nbytes(prepared))
-
-
-def test_dqgemm_refuses_groups_inside_a_k_block():
-    # 4-bit codes pack 128 k per 16-word block; a 32-wide group changes scale inside a block
-    sch = omniq.get_scheme("gptq", bits=4, group_size=32)
-    why = get_kernel("triton.affine.dqgemm").can_implement(Problem(sch, 16, 128, 256, torch.bfloat16, CPU))
-    assert "whole 128-wide K blocks" in why
-    # and an irregular g_idx (known only once prepared) is refused at run time, naming the layer
-    qw = sch.quantize(make_tensor((16, 128), "normal", 4))
-    p = affine.prepare_affine(qw, CPU)
-    p.g_idx = torch.zeros(128, dtype=torch.int32)
-    with pytest.raises(KernelError, match="dqgemm|whole"):
-        affine.run_dqgemm(torch.zeros(2, 128), p, None)
