@@ -390,69 +390,66 @@ if triton is not None:
         return (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + bias)
 
     @triton.jit
-    def _decode_tile(qs_row, qh_row, hdr_row, h16_row, d_row, k0,
+    def _decode_tile(qs_row, qh_row, hdr_row, d_row, kt,
                      TYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
-        """W[rows, k0 : k0 + BLOCK_K] in DOT [BLOCK_N, BLOCK_K], natural K order; each value in
-        fp32 with gguf-py's op order, rounded once. *_row are the rows' base pointers [BLOCK_N]."""
+        """W[rows, kt*BLOCK_K : (kt+1)*BLOCK_K] in DOT [BLOCK_N, BLOCK_K], natural K order; each
+        value in fp32 with gguf-py's op order, rounded once. *_row: the rows' base pointers [BN].
+        Every load is a contiguous run per row (vectorised, so the pipeliner can stage it)."""
         if TYPE == 8:      # q8_0: d * q
             G: tl.constexpr = BLOCK_K // 32
-            q = tl.load(qs_row[:, None] + k0 + tl.arange(0, BLOCK_K)[None, :]).to(tl.int32)
-            qf = ((q + (0x4B000000 + 128)).to(tl.float32, bitcast=True) - 8388736.0)   # q+128 >= 0
-            d = tl.load(d_row[:, None] + k0 // 32 + tl.arange(0, G)[None, :]).to(tl.float32)
+            q = tl.load(qs_row[:, None] + kt * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]).to(tl.int32)
+            qf = (q + (0x4B000000 + 128)).to(tl.float32, bitcast=True) - 8388736.0   # q + 128 >= 0
+            d = tl.load(d_row[:, None] + kt * G + tl.arange(0, G)[None, :]).to(tl.float32)
             w = tl.reshape(tl.reshape(qf, [BLOCK_N, G, 32]) * d[:, :, None], [BLOCK_N, BLOCK_K])
             w = w.to(DOT)
-        elif TYPE == 12:   # q4_k: (d*sc) * q - dmin*mn per 32 elements
+        elif TYPE == 12:   # q4_k: (d*sc) * q - dmin*mn per 32 elements; BLOCK_K <= 256
             G: tl.constexpr = BLOCK_K // 32
-            b = tl.load(qs_row[:, None] + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :]).to(tl.int32)
+            b = tl.load(qs_row[:, None] + kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)[None, :]).to(tl.int32)
             b = tl.reshape(b, [BLOCK_N, G, 16])
-            j = k0 // 32 + tl.arange(0, G)        # sub-block index along the row
-            sb = (j // 8)[None, :] * 16           # its super-block's header
-            jj = (j % 8)[None, :]
-            high = jj >= 4
-            hb = hdr_row[:, None] + sb + 4        # the 12 scale bytes (ggml get_scale_min_k4)
-            a = tl.load(hb + jj + tl.where(high, 4, 0)).to(tl.int32)
-            c = tl.load(hb + jj + tl.where(high, -4, 4)).to(tl.int32)
-            e = tl.load(hb + jj).to(tl.int32)
-            sc = tl.where(high, (a & 15) | ((c >> 6) << 4), a & 63)
-            mn = tl.where(high, (a >> 4) | ((e >> 6) << 4), c & 63)
-            d = tl.load(h16_row[:, None] + sb // 2).to(tl.float16, bitcast=True).to(tl.float32)
-            dmin = tl.load(h16_row[:, None] + sb // 2 + 1).to(tl.float16, bitcast=True).to(tl.float32)
-            scale = (d * sc.to(tl.float32))[:, :, None]
-            off = (-(dmin * mn.to(tl.float32)))[:, :, None]
+            # the super-block header, one 16-byte load per row: words d | dmin << 16, then the
+            # 12 scale bytes (ggml get_scale_min_k4): w1 = sc0-3 (+ sc4-7 high bits in bits 6-7),
+            # w2 = mn0-3 (+ mn4-7 high bits), w3 = sc4-7 low nibbles | mn4-7 low nibbles << 4
+            hw = tl.load(hdr_row[:, None] + (kt // (256 // BLOCK_K)) * 4 + tl.arange(0, 4)[None, :])
+            w02, w13 = tl.split(tl.reshape(hw, [BLOCK_N, 2, 2]))
+            w0, w2 = tl.split(w02)
+            w1, w3 = tl.split(w13)
+            jj = (kt * G + tl.arange(0, G)) % 8   # sub-blocks of this tile
+            sh = ((jj % 4) * 8)[None, :]
+            lowj = (jj < 4)[None, :]
+            w1, w2, w3 = w1[:, None], w2[:, None], w3[:, None]
+            sc = tl.where(lowj, (w1 >> sh) & 63, ((w3 >> sh) & 15) | (((w1 >> (sh + 6)) & 3) << 4))
+            mn = tl.where(lowj, (w2 >> sh) & 63, ((w3 >> (sh + 4)) & 15) | (((w2 >> (sh + 6)) & 3) << 4))
+            d = (w0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            dmin = ((w0 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            scale = (d[:, None] * sc.to(tl.float32))[:, :, None]
+            off = (-(dmin[:, None] * mn.to(tl.float32)))[:, :, None]
             lo = (_exact_f32(b & 15, 0.0) * scale + off).to(DOT)
             hi = (_exact_f32(b >> 4, 0.0) * scale + off).to(DOT)
             w = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])
-        else:              # q6_k: (d*sc) * (q - 32) per 16 elements, q = low4 | high2 << 4
+        else:              # q6_k: (d*sc) * (q - 32) per 16 elements, q = low4 | high2 << 4; BLOCK_K <= 256
             G: tl.constexpr = BLOCK_K // 16
-            b = tl.load(qs_row[:, None] + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :]).to(tl.int32)
+            b = tl.load(qs_row[:, None] + kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)[None, :]).to(tl.int32)
             low = tl.reshape(tl.join(b & 15, b >> 4), [BLOCK_N, BLOCK_K])
-            h = tl.load(qh_row[:, None] + k0 // 4 + tl.arange(0, BLOCK_K // 4)[None, :]).to(tl.int32)
-            high = tl.reshape(tl.join(tl.join(h & 3, (h >> 2) & 3), tl.join((h >> 4) & 3, h >> 6)),
+            h = tl.load(qh_row[:, None] + kt * (BLOCK_K // 4) + tl.arange(0, BLOCK_K // 4)[None, :]).to(tl.int32)
+            high = tl.reshape(tl.join(tl.join(h & 3, (h >> 4) & 3), tl.join((h >> 2) & 3, h >> 6)),
                               [BLOCK_N, BLOCK_K])
             qf = _exact_f32(low | (high << 4), 32.0)
-            g = k0 // 16 + tl.arange(0, G)
-            sc = tl.load(hdr_row[:, None] + g[None, :]).to(tl.float32)
-            d = tl.load(d_row[:, None] + (g // 16)[None, :]).to(tl.float32)
-            w = tl.reshape(tl.reshape(qf, [BLOCK_N, G, 16]) * (d * sc)[:, :, None], [BLOCK_N, BLOCK_K])
+            sc = tl.load(hdr_row[:, None] + kt * G + tl.arange(0, G)[None, :]).to(tl.float32)
+            d = tl.load(d_row + kt // (256 // BLOCK_K)).to(tl.float32)
+            w = tl.reshape(tl.reshape(qf, [BLOCK_N, G, 16]) * (d[:, None] * sc)[:, :, None], [BLOCK_N, BLOCK_K])
             w = w.to(DOT)
         return w
 
     @triton.jit
-    def _rows(qs_ptr, qh_ptr, hdr_ptr, h16_ptr, d_ptr, rn, K, TYPE: tl.constexpr):
-        """Base pointers of rows rn [BN] in each layout tensor (int64: N * K may pass 2^31);
-        h16 is the int16 view of q4_k's header (its fp16 d, dmin), hdr q6_k's int8 scales."""
+    def _rows(qs_ptr, qh_ptr, hdr_ptr, d_ptr, rn, s_qs, s_qh, s_hdr, s_d):
+        """Base pointers of rows rn [BN] in each layout tensor (row strides are arguments, so
+        Triton knows their 16-divisibility; int64: N * K may pass 2^31)."""
         r = rn.to(tl.int64)
-        if TYPE == 8:
-            return qs_ptr + r * K, qh_ptr, hdr_ptr, h16_ptr, d_ptr + r * (K // 32)
-        elif TYPE == 12:
-            return qs_ptr + r * (K // 2), qh_ptr, hdr_ptr + r * (K // 16), h16_ptr + r * (K // 32), d_ptr
-        else:
-            return qs_ptr + r * (K // 2), qh_ptr + r * (K // 4), hdr_ptr + r * (K // 16), h16_ptr, \
-                d_ptr + r * (K // 256)
+        return qs_ptr + r * s_qs, qh_ptr + r * s_qh, hdr_ptr + r * s_hdr, d_ptr + r * s_d
 
     @triton.jit
-    def _gguf_mm_kernel(x_ptr, qs_ptr, qh_ptr, hdr_ptr, h16_ptr, d_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-                        M, N, K, stride_xm, stride_ym,
+    def _gguf_mm_kernel(x_ptr, qs_ptr, qh_ptr, hdr_ptr, d_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+                        M, N, K, stride_xm, stride_ym, s_qs, s_qh, s_hdr, s_d,
                         TYPE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                         UPCAST: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K,
@@ -464,7 +461,7 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.minimum(offs_n, N - 1)
         rm = tl.minimum(offs_m, M - 1)
-        qs_row, qh_row, hdr_row, h16_row, d_row = _rows(qs_ptr, qh_ptr, hdr_ptr, h16_ptr, d_ptr, rn, K, TYPE)
+        qs_row, qh_row, hdr_row, d_row = _rows(qs_ptr, qh_ptr, hdr_ptr, d_ptr, rn, s_qs, s_qh, s_hdr, s_d)
         x_col = x_ptr + rm.to(tl.int64)[None, :] * stride_xm + tl.arange(0, BLOCK_K)[:, None]
         n_iters = K // BLOCK_K
         per = tl.cdiv(n_iters, SPLIT_K)
@@ -472,25 +469,24 @@ if triton is not None:
         i1 = tl.minimum(i0 + per, n_iters)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for it in range(i0, i1):
-            k0 = it * BLOCK_K
-            w = _decode_tile(qs_row, qh_row, hdr_row, h16_row, d_row, k0, TYPE, BLOCK_N, BLOCK_K, DOT)
-            xt = tl.load(x_col + k0).to(DOT)
+            w = _decode_tile(qs_row, qh_row, hdr_row, d_row, it, TYPE, BLOCK_N, BLOCK_K, DOT)
+            xt = tl.load(x_col + it * BLOCK_K).to(DOT)
             acc = _mma(acc, w, xt, UPCAST, IEEE)
         _epilogue(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, offs_n, offs_m, N, M, stride_ym,
                   pid_n * tl.cdiv(M, BLOCK_M) + pid_m, tl.cdiv(N, BLOCK_N) * tl.cdiv(M, BLOCK_M), pid_k,
                   SPLIT_K, HAS_BIAS, BLOCK_N, BLOCK_M)
 
     @triton.jit
-    def _gguf_mm_dequant_kernel(qs_ptr, qh_ptr, hdr_ptr, h16_ptr, d_ptr, out_ptr, N, K, ldo,
+    def _gguf_mm_dequant_kernel(qs_ptr, qh_ptr, hdr_ptr, d_ptr, out_ptr, N, ldo, s_qs, s_qh, s_hdr, s_d,
                                 TYPE: tl.constexpr, OUT: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """out[n, k tile] = the decoded tile (the same decoder and rounding as the matmul)."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rn = tl.minimum(offs_n, N - 1)
-        k0 = tl.program_id(1) * BLOCK_K
-        qs_row, qh_row, hdr_row, h16_row, d_row = _rows(qs_ptr, qh_ptr, hdr_ptr, h16_ptr, d_ptr, rn, K, TYPE)
-        w = _decode_tile(qs_row, qh_row, hdr_row, h16_row, d_row, k0, TYPE, BLOCK_N, BLOCK_K, OUT)
-        tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * ldo + k0 + tl.arange(0, BLOCK_K)[None, :], w,
+        kt = tl.program_id(1)
+        qs_row, qh_row, hdr_row, d_row = _rows(qs_ptr, qh_ptr, hdr_ptr, d_ptr, rn, s_qs, s_qh, s_hdr, s_d)
+        w = _decode_tile(qs_row, qh_row, hdr_row, d_row, kt, TYPE, BLOCK_N, BLOCK_K, OUT)
+        tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * ldo + kt * BLOCK_K + tl.arange(0, BLOCK_K)[None, :], w,
                  mask=(offs_n < N)[:, None])
 
 
@@ -522,15 +518,16 @@ def gguf_type(qw) -> str:
     return t
 
 
-# Repacked types: tiles of BLOCK_K along K, one dot each. Split-K below M = 64 fills the SMs
-# (x^T tiles [BLOCK_K, BLOCK_M] in shared memory: 3 stages of 256 x 64 bf16 = 96 KiB); large M
-# keeps 128 x 128 output tiles and BLOCK_K 128 so that 3-4 stages of x and weight fit.
+# Repacked types: tiles of BLOCK_K along K, one dot each. Shared memory per stage holds the x^T
+# tile [BLOCK_K, BLOCK_M] and the weight bytes (q8_0: BLOCK_N x BLOCK_K), plus one scratch copy of
+# the decoded tile for the dot-operand layout: the defaults stay under ~180 KiB of the 227 KiB.
+# Split-K below M = 64 fills the SMs; large M keeps 128 x 128 output tiles.
 R_DEFAULTS = {
-    "splitk": {"BLOCK_N": 128, "BLOCK_M": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3, "waves": 2.0},
+    "splitk": {"BLOCK_N": 128, "BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4, "waves": 2.0},
     "gemm": {"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3, "GROUP_N": 8},
 }
-R_BY_M = {("gemm", 64): {"BLOCK_M": 64, "num_warps": 4, "BLOCK_K": 256},
-          ("gemm", 128): {"BLOCK_M": 64, "num_warps": 4}}
+R_BY_M = {("gemm", 64): {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4},
+          ("gemm", 128): {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4}}
 R_BY_TYPE: dict = {}
 
 
@@ -604,18 +601,26 @@ def _prepared(w, device) -> GGUFPrepared:
 
 
 def _tensor_args(p: GGUFPrepared):
-    """(qs, qh, hdr, h16, d) kernel arguments, an unused slot filled with qs."""
-    h16 = p.hdr.view(torch.int16) if p.gtype == "q4_k" else p.qs
-    return (p.qs, p.qh if p.qh is not None else p.qs, p.hdr if p.hdr is not None else p.qs, h16,
-            p.d if p.d is not None else p.qs)
+    """(qs, qh, hdr, d) kernel pointers, then their row strides; an unused slot gets qs. The
+    q4_k header goes as int32 words (one 16-byte load per super-block and row)."""
+    hdr = p.hdr.view(torch.int32) if p.gtype == "q4_k" else p.hdr
+    ts = [t if t is not None else p.qs for t in (p.qs, p.qh, hdr, p.d)]
+    return (*ts, *(t.stride(0) for t in ts))
 
 
-def _block_k(want: int, k: int) -> int:
-    """The largest power-of-two multiple of 32, at most `want`, that divides K."""
+def _block_k(want: int, k: int, gtype: str | None = None) -> int:
+    """The largest power-of-two multiple of 32, at most `want` (at most one super-block for the
+    K-quants, whose tile reads one header), that divides K."""
     bk = max(32, next_pow2(want))
+    if gtype in ("q4_k", "q6_k"):
+        bk = min(bk, 256)
     while bk > 32 and k % bk:
         bk //= 2
     return bk
+
+
+# the compiled kernel of the last launch (registers, spills, shared memory for the probe)
+LAST_COMPILED: dict = {}
 
 
 def run_gguf_repacked(x: torch.Tensor, p: GGUFPrepared, bias: torch.Tensor | None, kind: str = "gemm",
@@ -625,14 +630,17 @@ def run_gguf_repacked(x: torch.Tensor, p: GGUFPrepared, bias: torch.Tensor | Non
     if x.stride(-1) != 1:
         x = x.contiguous()
     cfg = dict(cfg or r_config_for(kind, p.gtype, m, n, k))
+    if x.dtype == torch.float32:   # fp32 tiles are twice the bytes: keep the stages in shared memory
+        cfg.update(BLOCK_K=min(cfg["BLOCK_K"], 64), num_stages=min(cfg["num_stages"], 2))
     dot, upcast, ieee = dot_dtype(x.dtype)
-    bk = _block_k(cfg["BLOCK_K"], k)
+    bk = _block_k(cfg["BLOCK_K"], k, p.gtype)
     bn, bm, tiles, split = _launch_grid(kind, m, n, k // bk, x.device, cfg)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws, cnt = _workspace(split, tiles, bn, bm, x.device, dummy=y)
-    _gguf_mm_kernel[(tiles, split)](
-        x, *_tensor_args(p), bias if bias is not None else y, y, ws, cnt,
-        m, n, k, x.stride(0), y.stride(0),
+    args = _tensor_args(p)
+    LAST_COMPILED["mm"] = _gguf_mm_kernel[(tiles, split)](
+        x, *args[:4], bias if bias is not None else y, y, ws, cnt,
+        m, n, k, x.stride(0), y.stride(0), *args[4:],
         TYPE=TYPE_IDS[p.gtype], HAS_BIAS=bias is not None, DOT=dot, UPCAST=upcast, IEEE=ieee,
         BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=split, GROUP_N=cfg.get("GROUP_N", 1),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -644,9 +652,10 @@ _OUT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float
 
 def _dequantize_repacked(p: GGUFPrepared, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(p.n, p.k, dtype=dtype, device=p.qs.device)
-    bk, bn = _block_k(256, p.k), 32
+    bk, bn = _block_k(256, p.k, p.gtype), 32
+    args = _tensor_args(p)
     _gguf_mm_dequant_kernel[(-(-p.n // bn), p.k // bk)](
-        *_tensor_args(p), out, p.n, p.k, out.stride(0),
+        *args[:4], out, p.n, out.stride(0), *args[4:],
         TYPE=TYPE_IDS[p.gtype], OUT=getattr(tl, _OUT_DTYPES[dtype]), BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
     return out
 
