@@ -97,7 +97,8 @@ def merged_cfg(method, kind, m, n, k, over):
     if method in ("mxfp4", "nvfp4", "dual"):
         cfg = tm.config_for(kind, 0, m, n, k)
     elif method.startswith("mxfp8"):
-        cfg = tm.config_for(("w8a8_" + kind) if method == "mxfp8" else kind, 2, m, n, k)
+        # only split-K keeps a W8A8 kernel of its own; the W8A8 gemm runs the W8A16 GEMM on exact bf16 x
+        cfg = tm.config_for(("w8a8_" + kind) if method == "mxfp8" and kind == "splitk" else kind, 2, m, n, k)
     else:
         cfg = tg.config_for(kind, method, m, n, k)
     cfg.update(over)

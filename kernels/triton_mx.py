@@ -25,12 +25,18 @@ Weights are decoded in registers. Compiled for NVIDIA, E2M1 nibbles become bf16x
 with PTX prmt/lop3 (the exponent and mantissa bits of a code drop into the 16-bit float's low
 exponent bits, which makes value * 2^-126 (bf16) or value * 2^-14 (fp16), subnormals included)
 and one fma applies the group factor. Everywhere else (the interpreter, ROCm, XPU) a portable
-decode computes the same values. The products run on bf16/fp16 tensor cores; MXFP8 W8A8 runs
-e4m3 x e4m3 tensor-core dots per 32-element group, each scaled by the two group factors.
+decode computes the same values.
 
-For M >= 128 a third kernel dequantizes the weight in one Triton pass into a transient dense
-buffer (freed after the call, never cached) and calls torch's dense matmul (cuBLAS): there the
-in-register decode, repeated once per M tile, costs more than one pass over the weight.
+kind "gemm" (_mx_gemm_kernel, every format and MXFP8 W8A8 too) issues ONE tensor-core dot per
+BLOCK_K tile: the decoded weight tile [BLOCK_N, BLOCK_K] is the A operand (registers; Hopper
+wgmma takes it there), the activation tile x^T [BLOCK_K, BLOCK_M] the B operand (staged by
+Triton's pipeliner). The group factors fold exactly into the decoded 16-bit values (relative to
+the row's 2^rexp, applied in the epilogue), so the fp32 accumulator is never rescaled per group.
+The decoded halves of each unit are merged into one tile in a K order (_tile_k) that Triton
+lays out without a shuffle; the activation rows are read in that same order. MXFP8 W8A8 runs the
+same kernel on the fake-quantized activation (an MX x MX product is exactly a bf16 x bf16 one).
+kind "splitk" (_wdq_kernel; MXFP8 W8A8: _mx8_w8a8_kernel, e4m3 dots per 32-element group) is
+the small-M path with two dots per unit.
 
 Activation quantization: MXFP8 W8A8 quantizes x in one fused Triton pass (per-32 amax, shared
 exponent by the scheme's rule, RNE saturating E4M3 cast), bit-exact with the scheme. The
@@ -373,20 +379,14 @@ if triton is not None:
         return k
 
     @triton.jit
-    def _scale_tile(s_rows, kt, N, n_groups, FMT: tl.constexpr, H: tl.constexpr, GROUP: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-        """The prepared scale bytes of K tile kt: MXFP8 [BN, BK/32]; fp4 [BN, NU, 2], the groups of
-        each unit's low and high half. Indices clamped to the stored groups (past the end of K the
-        codes are zero, any finite factor will do). Loaded one tile ahead of their use (these
-        byte loads are too narrow for the pipeliner's async copies)."""
-        if FMT == 2:
-            g = tl.minimum(kt * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32), n_groups - 1)
-            sb = tl.load(s_rows[:, None] + g[None, :] * N)
-        else:
-            u = kt * (BLOCK_K // (2 * H)) + tl.arange(0, BLOCK_K // (2 * H))
-            g = u[:, None] * ((2 * H) // GROUP) + tl.arange(0, 2)[None, :] * (H // GROUP)
-            sb = tl.load(s_rows[:, None, None] + tl.minimum(g, n_groups - 1)[None, :, :] * N)
-        return sb
+    def _scale_tile(s_rows, kt, N, n_groups, H: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The prepared scale bytes [BN, NU, 2] of K tile kt: the groups of each unit's low and
+        high half. Indices clamped to the stored groups (past the end of K the codes are zero,
+        any finite factor will do). Loaded one tile ahead of their use: these byte loads are too
+        narrow for the pipeliner's async copies."""
+        u = kt * (BLOCK_K // (2 * H)) + tl.arange(0, BLOCK_K // (2 * H))
+        g = u[:, None] * ((2 * H) // GROUP) + tl.arange(0, 2)[None, :] * (H // GROUP)
+        return tl.load(s_rows[:, None, None] + tl.minimum(g, n_groups - 1)[None, :, :] * N)
 
     @triton.jit
     def _weight_tile(w_ptr, sb, rn, rexp, kt, KW, stride_w,
@@ -395,30 +395,32 @@ if triton is not None:
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """K tile kt of the weight decoded in registers: [BLOCK_N, BLOCK_K] in DOT, the group
         factors (scale bytes sb from _scale_tile) folded in exactly, relative to the row's
-        2^rexp; columns in _tile_k's order. KW: the stored row length (bytes for fp4, elements
-        for MXFP8); without EVEN_K the tail is masked to zero codes."""
-        if FMT == 2:   # MXFP8: e4m3 bytes, one factor per 32 of K
-            NG: tl.constexpr = BLOCK_K // 32
-            kk = (kt * NG + tl.arange(0, NG))[:, None] * 32 + tl.arange(0, 32)[None, :]
-            ptrs = w_ptr + rn[:, None, None] * stride_w + kk[None, :, :]
+        2^rexp; columns in _tile_k's order. Both formats walk units of 2H elements in two halves
+        of H (fp4: the split-halves bytes; MXFP8: two 32-element groups), so one merge of the
+        halves serves both. KW: the stored row length (bytes for fp4, elements for MXFP8);
+        without EVEN_K the tail is masked to zero codes."""
+        NU: tl.constexpr = BLOCK_K // (2 * H)
+        f_lo, f_hi = tl.split(_scale_factor(sb, rexp[:, None, None], FMT, ASM))
+        if FMT == 2:   # MXFP8: e4m3 bytes in K order
+            col = (kt * NU + tl.arange(0, NU))[:, None] * (2 * H) + tl.arange(0, H)[None, :]
+            ptrs = w_ptr + rn[:, None, None] * stride_w + col[None, :, :]
             if EVEN_K:
-                wb = tl.load(ptrs)
+                b_lo = tl.load(ptrs)
+                b_hi = tl.load(ptrs + H)
             else:
-                wb = tl.load(ptrs, mask=kk[None, :, :] < KW, other=0)
-            f = _scale_factor(sb, rexp[:, None], FMT, 0)
-            w = tl.reshape(_e4m3_scaled(wb, f[:, :, None], DOT), (BLOCK_N, BLOCK_K))
-        else:          # E2M1 split halves: NU units of 2H elements, H bytes each
-            NU: tl.constexpr = BLOCK_K // (2 * H)
+                b_lo = tl.load(ptrs, mask=col[None, :, :] < KW, other=0)
+                b_hi = tl.load(ptrs + H, mask=col[None, :, :] + H < KW, other=0)
+            lo = _e4m3_scaled(b_lo, f_lo[:, :, None], DOT)
+            hi = _e4m3_scaled(b_hi, f_hi[:, :, None], DOT)
+        else:          # E2M1 split halves: H bytes a unit
             col = (kt * NU + tl.arange(0, NU))[:, None] * H + tl.arange(0, H)[None, :]
             ptrs = w_ptr + rn[:, None, None] * stride_w + col[None, :, :]
             if EVEN_K:
                 packed = tl.load(ptrs)
             else:
                 packed = tl.load(ptrs, mask=col[None, :, :] < KW, other=0)
-            f_lo, f_hi = tl.split(_scale_factor(sb, rexp[:, None, None], FMT, ASM))
             lo, hi = _fp4_halves(packed, f_lo[:, :, None], f_hi[:, :, None], ASM, DOT)
-            w = _merge_halves(lo, hi, BLOCK_N, BLOCK_K, ORDER)
-        return w
+        return _merge_halves(lo, hi, BLOCK_N, BLOCK_K, ORDER)
 
     @triton.jit
     def _tile_dot(acc, x_ptr, w_ptr, sb, rn, rm, rexp, kt, kord, K, KW, stride_xm, stride_w,
@@ -585,12 +587,12 @@ if triton is not None:
             c0 = pid_k * per
             c1 = tl.minimum(c0 + per, n_chunks)
             last = tl.maximum(c1 * TPC - 1, 0)
-            sb = _scale_tile(s_rows, c0 * TPC, N, n_groups, FMT, H, GROUP, BLOCK_K)
+            sb = _scale_tile(s_rows, c0 * TPC, N, n_groups, H, GROUP, BLOCK_K)
             for c in range(c0, c1):
                 part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
                 for t in range(0, TPC):
                     kt = c * TPC + t
-                    sb_next = _scale_tile(s_rows, tl.minimum(kt + 1, last), N, n_groups, FMT, H, GROUP, BLOCK_K)
+                    sb_next = _scale_tile(s_rows, tl.minimum(kt + 1, last), N, n_groups, H, GROUP, BLOCK_K)
                     part = _tile_dot(part, x_ptr, w_ptr, sb, rn, rm, rexp, kt, kord, K, KW, stride_xm, stride_w,
                                      FMT, H, EVEN_K, DOT, ASM, ORDER, UPCAST, IEEE, BLOCK_N, BLOCK_K)
                     sb = sb_next
@@ -604,9 +606,9 @@ if triton is not None:
             k0 = pid_k * per
             k1 = tl.minimum(k0 + per, n_kt)
             last = tl.maximum(k1 - 1, 0)
-            sb = _scale_tile(s_rows, k0, N, n_groups, FMT, H, GROUP, BLOCK_K)
+            sb = _scale_tile(s_rows, k0, N, n_groups, H, GROUP, BLOCK_K)
             for kt in range(k0, k1):
-                sb_next = _scale_tile(s_rows, tl.minimum(kt + 1, last), N, n_groups, FMT, H, GROUP, BLOCK_K)
+                sb_next = _scale_tile(s_rows, tl.minimum(kt + 1, last), N, n_groups, H, GROUP, BLOCK_K)
                 acc = _tile_dot(acc, x_ptr, w_ptr, sb, rn, rm, rexp, kt, kord, K, KW, stride_xm, stride_w,
                                 FMT, H, EVEN_K, DOT, ASM, ORDER, UPCAST, IEEE, BLOCK_N, BLOCK_K)
                 sb = sb_next
@@ -772,7 +774,7 @@ SPLITK_MAX_M = 64
 # of the decoded fp4 tile (_tile_k). Starting points for benchmarks/probe_mx_gemm.py to confirm.
 DEFAULTS = {
     "splitk": {"BLOCK_N": 64, "BLOCK_M": 16, "UNITS": 4, "num_warps": 4, "num_stages": 4, "waves": 4.0},
-    "gemm": {"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 128, "ORDER": 0, "num_warps": 8, "num_stages": 3,
+    "gemm": {"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 128, "ORDER": 1, "num_warps": 8, "num_stages": 3,
              "GROUP_N": 8},
     "w8a8_splitk": {"BLOCK_N": 64, "BLOCK_M": 16, "GPI": 8, "num_warps": 4, "num_stages": 3, "waves": 2.0},
 }
@@ -884,7 +886,7 @@ def _launch_gemm(x, w, scales, rexp, dual, xd, bias, y, kw, gscale, fmt, h, grou
     halves, kw bytes a row, or MXFP8 e4m3, kw = K) with relative scales [G, N] and rexp [N]."""
     m, k = x.shape
     n = y.shape[1]
-    step = 32 if fmt == FMT_MXFP8 else 2 * h          # K per scale pair / unit: the smallest tile
+    step = 2 * h                                      # one unit (two halves): the smallest tile
     bk = max(step, min(next_pow2(cfg.get("BLOCK_K", 128)), next_pow2(k)))
     if dual is not None:
         bk = min(bk, 512)                             # a coarse chunk holds whole tiles
@@ -900,7 +902,7 @@ def _launch_gemm(x, w, scales, rexp, dual, xd, bias, y, kw, gscale, fmt, h, grou
         m, n, k, kw, scales.shape[0], x.stride(0), y.stride(0), w.stride(0), k // 512 if dual is not None else 1,
         gscale, FMT=fmt, H=h, GROUP=group, DUAL=dual is not None, XDUAL=xd is not None,
         HAS_BIAS=bias is not None, EVEN_K=k % bk == 0, DOT=dot, ASM=asm_mode,
-        ORDER=cfg.get("ORDER", 0) if fmt != FMT_MXFP8 else 0, UPCAST=upcast, IEEE=ieee,
+        ORDER=cfg.get("ORDER", 1), UPCAST=upcast, IEEE=ieee,
         BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=split, GROUP_N=cfg.get("GROUP_N", 1),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
