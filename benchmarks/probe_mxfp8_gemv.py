@@ -1,6 +1,6 @@
 """Timing probe for cuda.mxfp8.gemv on a CUDA GPU (CUDA-graph replay over rotating weight copies,
 as benchmarks/probe_int.py): bf16 cuBLAS vs triton.mxfp8.splitk vs the new kernel with the Triton
-quantizer first (phase 1, "p1") and with the in-kernel quantizer (phase 2, "p2"), over steps in
+quantizer first ("p1"; the in-kernel quantizer "p2" measured slower and was removed), over steps in
 flight (pf) and split targets (t); one NaN-test-off column ("nonan"), one with 3 CTAs per SM
 ("mb3": more registers, a 396-CTA split target). M = 1, 2, 4, 8, 16 on the
 three benchmark shapes, W8A8 (and W8A16 with --schemes mxfp8,w8a16). Under 90 s.
@@ -35,21 +35,18 @@ dev = torch.device("cuda")
 rows = []
 kern = get_kernel("cuda.mxfp8.gemv")
 splitk = get_kernel("triton.mxfp8.splitk")
-DEFAULTS = dict(TARGET_CTAS=mx8.TARGET_CTAS, PREFETCH=None, NANCHK=True, FUSED_QUANT=False,
-                MIN_BLOCKS=mx8.MIN_BLOCKS)
+DEFAULTS = dict(TARGET_CTAS=mx8.TARGET_CTAS, PREFETCH=None, NANCHK=True, MIN_BLOCKS=mx8.MIN_BLOCKS)
 
 
 def configs(w8a8: bool):
     """(column name, knob settings)."""
-    phases = (("p1", False), ("p2", True)) if w8a8 else (("w16", False),)
-    out = []
-    for ph, fused in phases:
-        out.append((f"{ph}", dict(FUSED_QUANT=fused)))
-        out += [(f"{ph}_pf{pf}", dict(FUSED_QUANT=fused, PREFETCH=int(pf))) for pf in args.pf.split(",")]
-        out += [(f"{ph}_t{t}", dict(FUSED_QUANT=fused, TARGET_CTAS=int(t))) for t in args.targets.split(",")]
-        out.append((f"{ph}_nonan", dict(FUSED_QUANT=fused, NANCHK=False)))
-        # registers up to 168 (3 CTAs per SM) and a split target sized for 3
-        out.append((f"{ph}_mb3", dict(FUSED_QUANT=fused, MIN_BLOCKS=3, TARGET_CTAS=3 * 132)))
+    ph = "p1" if w8a8 else "w16"
+    out = [(ph, {})]
+    out += [(f"{ph}_pf{pf}", dict(PREFETCH=int(pf))) for pf in args.pf.split(",")]
+    out += [(f"{ph}_t{t}", dict(TARGET_CTAS=int(t))) for t in args.targets.split(",")]
+    out.append((f"{ph}_nonan", dict(NANCHK=False)))
+    # registers up to 168 (3 CTAs per SM) and a split target sized for 3
+    out.append((f"{ph}_mb3", dict(MIN_BLOCKS=3, TARGET_CTAS=3 * 132)))
     return out
 
 

@@ -29,14 +29,12 @@ its low 7 bits are all ones); a row that saw one gets NaN partials (NANCHK 0 dro
 
 Activations: W8A8 (the scheme's per-32 E8M0 x e4m3 quantization of x) runs the exact Triton
 pass `triton_mx.fake_quantize_mxfp8_activation` first; its bf16 P x 2^E feeds the bf16 MMA for
-bf16 and fp16 inputs alike. With FUSED_QUANT (define QX) the GEMV quantizes x itself instead:
-each lane holds half of a 32-block of its token (lanes t, t^1 the two halves), so one shuffle
-gives the block's amax (max.NaN: a NaN anywhere makes the NaN scale), then the shared exponent
-by the scheme's rule (triton_mx._shared_exp's bit formulas), the hardware RNE saturating e4m3
-cast of x * 2^-E, and decode4 again with 2^(E + 120) split into two exact bf16 factors: the
-same bf16 bits as the Triton pass, with no second launch. W8A16 multiplies x as given, so only bf16 x: fp16's 11-bit
-significands do not fit bf16's 8 (fp16 W8A16 stays on triton.mxfp8.splitk). y is written in
-x's dtype by the shared store_tile (split-K with a deterministic, in-order sum).
+bf16 x. (Quantizing x inside the GEMV instead, to save that launch, measured 1.3-1.6x slower on
+the H200 at M = 1-16: results/h200-2026-11-29b/probe_mxfp8_gemv.txt, "p2"; it was removed.)
+W8A16 multiplies x as given. Activations are bf16 only: fp16's 11-bit significands do not fit
+bf16's 8, and an fp16 W8A8 case overflowed differently from the reference on the H200; fp16
+stays on the triton.mxfp8 kernels. y is written by the shared store_tile (split-K with a
+deterministic, in-order sum).
 """
 from __future__ import annotations
 
@@ -45,7 +43,7 @@ import torch
 from omniq.kernels import cuda_common
 from omniq.kernels.cuda_common import PRELUDE, TARGET_CTAS
 from omniq.kernels.nvrtc import NvrtcKernel
-from omniq.kernels.triton_mx import REXP_NAN, RULES, SREL_TOP
+from omniq.kernels.triton_mx import REXP_NAN, SREL_TOP
 
 SOURCE = PRELUDE + r"""
 __device__ __forceinline__ u32 word(const U4& v, int i) {
@@ -144,80 +142,6 @@ __device__ __forceinline__ void load_any(Step& B, const Ptrs& Q, int j, int st, 
     else load_step<true>(B, Q, j, st, K, N, t);
 }
 
-#if QX
-// omniq.formats.e8m0.shared_exponent(amax, 8, 448, 3, RULE) for E4M3 elements (the rules of
-// triton_mx._shared_exp, bit for bit); 128 for a NaN / Inf amax (the NaN scale byte)
-__device__ __forceinline__ int shared_exp(float amax) {
-#if RULE == 3
-    const float r = __fdiv_rn(amax, 448.f);
-#else
-    const float r = amax;
-#endif
-    const bool sub = r < 1.1754943508222875e-38f;
-    const u32 bits = __float_as_uint(sub ? r * 18446744073709551616.f : r);
-    const int ef = (int)((bits >> 23) & 0xFFu) - (sub ? 64 : 0);
-    const u32 man = bits & 0x7FFFFFu;
-#if RULE == 0
-    int e = ef - 127 - 8;
-#elif RULE == 1
-    int e = ef - 127 + (man != 0u) - 8;
-#elif RULE == 2
-    int e = ef - 127 + (man >= 0x780000u) - 8;
-#else
-    int e = ef - 127 + (man != 0u);
-#endif
-    e = max(e, -127);
-    if (r == 0.f) e = -127;
-    return (amax == amax && amax < __int_as_float(0x7f800000)) ? e : 128;
-}
-__device__ __forceinline__ float max_nan(float a, float b) {
-    float d; asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b)); return d;
-}
-__device__ __forceinline__ void unpack2(u32 w, float& lo, float& hi) {
-#if BF16
-    lo = __uint_as_float(w << 16); hi = __uint_as_float(w & 0xFFFF0000u);
-#else
-    lo = h2f((u16)(w & 0xFFFFu)); hi = h2f((u16)(w >> 16));
-#endif
-}
-// 4 fp32 (already times 2^-E) -> their 4 e4m3 bytes, RNE, saturating at 448
-__device__ __forceinline__ u32 e4m3x4(float a, float b, float c, float d) {
-    u16 lo, hi;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(b), "f"(a));
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(d), "f"(c));
-    return (u32)lo | ((u32)hi << 16);
-}
-// x[m][k .. k+15] (raw bf16 / fp16, two U4) -> the scheme's P x 2^E as bf16 words in place;
-// lanes t and t^1 hold the two halves of one 32-block (bit-exact with the Triton pass).
-__device__ __forceinline__ void quantize16(U4 (&v)[2]) {
-    float f[16];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) unpack2(word(v[j >> 2], j & 3), f[2 * j], f[2 * j + 1]);
-    float am = 0.f;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) am = max_nan(am, fabsf(f[i]));
-    am = max_nan(am, __shfl_xor_sync(0xffffffffu, am, 1));
-    const int e = shared_exp(am), ec = min(e, 126);
-    const float inv = pow2i(-ec);
-    // P x 2^ec = (P x 2^-120) x 2^a x 2^b: a = min(ec + 120, 127) >= -7, b >= 0; one rounding at most
-    const int a = min(ec + 120, 127), b = ec + 120 - a;
-    const u32 fa = ((u32)(a + 127) << 7) * 0x10001u, fb = ((u32)(b + 127) << 7) * 0x10001u;
-    u32 out[8];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const u32 w = e4m3x4(f[4 * i] * inv, f[4 * i + 1] * inv, f[4 * i + 2] * inv, f[4 * i + 3] * inv);
-        decode4(w, fa, out[2 * i], out[2 * i + 1]);
-        asm("fma.rn.bf16x2 %0, %0, %1, %2;" : "+r"(out[2 * i]) : "r"(fb), "r"(0x80008000u));
-        asm("fma.rn.bf16x2 %0, %0, %1, %2;" : "+r"(out[2 * i + 1]) : "r"(fb), "r"(0x80008000u));
-    }
-    if (e > 127) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) out[i] = 0x7FC07FC0u;
-    }
-    v[0].x = out[0]; v[0].y = out[1]; v[0].z = out[2]; v[0].w = out[3];
-    v[1].x = out[4]; v[1].y = out[5]; v[1].z = out[6]; v[1].w = out[7];
-}
-#endif
 
 __device__ __forceinline__ u32 nan_bits(const U4& v) {
     // bit 7 of a byte set: that byte's low 7 bits are all ones (e4m3 NaN)
@@ -274,10 +198,6 @@ extern "C" __global__ void __launch_bounds__(128, MINB) mxfp8_gemv(
         if (s + j + PF < s1) load_any(buf[(j + PF) % (PF + 1)], Q, j + PF, s + j + PF, K, N, t);
         Step& cur = buf[j];
         const u32 fa = factor2(cur.sa), fb = factor2(cur.sb);
-#if QX
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) quantize16(cur.x[mt]);
-#endif
 #if NANCHK
         nana |= nan_bits(cur.wa);
         nanb |= nan_bits(cur.wb);
@@ -316,9 +236,6 @@ STEP_K = 64             # K (bytes of a weight row) per warp step
 # knobs the probe sweeps: steps in flight (1..4; None: 3 for one token tile, 2 for two) and the NaN test
 PREFETCH = None
 NANCHK = True
-# W8A8: quantize x inside the GEMV (QX 1: each warp quantizes the 32-blocks of its own K steps,
-# bit-exact with the Triton pass) instead of the separate Triton launch first
-FUSED_QUANT = False
 # resident CTAs per SM the compiler must allow (registers <= 65536 / (128 MIN_BLOCKS)): the split
 # target TARGET_CTAS assumes 4
 MIN_BLOCKS = 4
@@ -326,21 +243,18 @@ MIN_BLOCKS = 4
 _VARIANTS: dict = {}
 
 
-def variant(out_bf16: bool, mt: int, has_bias: bool, pf: int | None = None, nanchk: bool | None = None,
-            rule: str | None = None) -> NvrtcKernel:
-    """One specialisation; `rule` (a scale rule name) selects the in-kernel quantizer (x raw in
-    the output dtype), None reads x as bf16 already quantized (or W8A16)."""
+def variant(out_bf16: bool, mt: int, has_bias: bool, pf: int | None = None,
+            nanchk: bool | None = None) -> NvrtcKernel:
+    """One specialisation (x is bf16: the quantized activation, or x itself for W8A16)."""
     if pf is None:
         pf = PREFETCH if PREFETCH is not None else (3 if mt == 1 else 2)
     nanchk = NANCHK if nanchk is None else nanchk
-    key = (out_bf16, mt, has_bias, pf, nanchk, rule, MIN_BLOCKS)
+    key = (out_bf16, mt, has_bias, pf, nanchk, MIN_BLOCKS)
     k = _VARIANTS.get(key)
     if k is None:
         k = NvrtcKernel(SOURCE, "mxfp8_gemv", SIGNATURE,
                         defines={"BF16": out_bf16, "MT": mt, "HAS_BIAS": has_bias, "PF": pf,
-                                 "NANCHK": nanchk, "REXP_NAN": f"({REXP_NAN})",
-                                 "QX": rule is not None, "RULE": RULES[rule] if rule is not None else 0,
-                                 "MINB": MIN_BLOCKS})
+                                 "NANCHK": nanchk, "REXP_NAN": f"({REXP_NAN})", "MINB": MIN_BLOCKS})
         _VARIANTS[key] = k
     return k
 
@@ -352,11 +266,9 @@ def launch_config(m: int, n: int, k: int, target_ctas: int | None = None) -> tup
 
 def activation_reason(scheme, act_dtype: torch.dtype) -> str | None:
     """Why x of this dtype cannot be fed exactly (W8A16 multiplies x itself on bf16 MMAs)."""
-    if act_dtype not in (torch.bfloat16, torch.float16):
-        return f"activations must be bf16 or fp16, not {act_dtype}"
-    if scheme.activation is None and act_dtype != torch.bfloat16:
-        return ("activation=None (W8A16) with fp16 x: the bf16 MMA cannot hold fp16's 11-bit significands "
-                "exactly (and fp16 cannot hold the per-32 scale range); triton.mxfp8.splitk serves it")
+    if act_dtype != torch.bfloat16:
+        return (f"activations must be bf16, not {act_dtype} (the bf16 MMA holds bf16 x and the quantized "
+                f"activation exactly, not fp16's 11-bit significands); the triton.mxfp8 kernels serve it")
     return None
 
 
@@ -383,18 +295,17 @@ def _operand(x: torch.Tensor, p) -> torch.Tensor:
 
 
 def run(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
-    """y[M, N] = fq(x) @ W^T (+ bias) for M <= 16, x bf16 / fp16 [M, K], W in triton.mxfp8.v1."""
+    """y[M, N] = fq(x) @ W^T (+ bias) for M <= 16, x bf16 [M, K], W in triton.mxfp8.v1."""
     x = cuda_common.checked_input("cuda.mxfp8.gemv", p, x, unsupported, MAX_M)
     why = activation_reason(p.scheme, x.dtype)
     if why:
         from omniq.errors import KernelError, where
         raise KernelError(f"{where(p.name)}cuda.mxfp8.gemv: {why}")
-    fused = FUSED_QUANT and p.scheme.activation is not None
-    xk = x if fused else _operand(x, p)
+    xk = _operand(x, p)
     (m, k), n = x.shape, p.n
     tiles, splits, bps, mt = launch_config(m, n, k, TARGET_CTAS)
     y, ws, cnt, bias = cuda_common.outputs(x, n, splits, tiles, bias)
-    kern = variant(x.dtype == torch.bfloat16, mt, bias is not None, rule=p.scheme.scale_rule if fused else None)
+    kern = variant(True, mt, bias is not None)
     kern(x.device, (tiles, splits), (128,),
          [xk, p.weight.view(torch.uint8), p.scales, p.rexp, bias, y, ws, cnt, m, n, k, xk.stride(0), bps, splits])
     return y
@@ -402,11 +313,8 @@ def run(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
 
 def all_variants() -> list[NvrtcKernel]:
     """Every specialisation (compile checks)."""
-    plain = [variant(ob, mt, hb, pf, nc) for ob in (True, False) for mt in (1, 2) for hb in (False, True)
-             for pf in (1, 2, 3, 4) for nc in (True, False)]
-    fused = [variant(ob, mt, False, pf, True, rule) for ob in (True, False) for mt in (1, 2) for pf in (2, 3)
-             for rule in RULES]
-    return plain + fused
+    return [variant(True, mt, hb, pf, nc) for mt in (1, 2) for hb in (False, True) for pf in (1, 2, 3, 4)
+            for nc in (True, False)]
 
 
 assert SREL_TOP == 253   # factor2's 2^(srel - 133) assumes srel = s - smax + 253

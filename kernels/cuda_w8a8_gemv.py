@@ -413,10 +413,10 @@ w8a8_gemv(const unsigned char* __restrict__ W, unsigned char* Xq,
 SIGNATURE = "p" * 8 + "i" * 5
 
 QUANT_SOURCE = r"""
-// omniq dynamic per-token activation quantizer for cuda.w8a8.gemv (symmetric int8 / e4m3), bit-exact
-// with the schemes' quantize_activation. Grid (C, M): every CTA of row m reads the whole row for its
+// omniq dynamic per-token activation quantizer for cuda.w8a8.gemv (symmetric int8), bit-exact with
+// the schemes' quantize_activation. Grid (C, M): every CTA of row m reads the whole row for its
 // amax (no CTA waits on another), then casts the 16-byte vectors v = tid + QT (c + C i).
-// Defines: IS_FP8, BF16 (x is bf16, else fp16), QT (threads).
+// Defines: BF16 (x is bf16, else fp16), QT (threads).
 typedef unsigned int u32;
 
 __device__ __forceinline__ float lo_f(u32 w) {
@@ -435,25 +435,6 @@ __device__ __forceinline__ float hi_f(u32 w) {
 }
 __device__ __forceinline__ float amax2(u32 w, float a) { return fmaxf(a, fmaxf(fabsf(lo_f(w)), fabsf(hi_f(w)))); }
 
-#if IS_FP8
-// v (|v| <= 448) rounded half-to-even onto the E4M3 grid in fp32, the same arithmetic as the Triton
-// quantizer's _e4m3_grid (so the two agree bit for bit, signed zeros included); the cast after it
-// is then exact. Below 2^-6 (exponent field 121) the grid step stays 2^-9.
-__device__ __forceinline__ float e4m3_grid(float v) {
-    const float a = fabsf(v);
-    const int e = max((__float_as_int(a) >> 23) & 0xFF, 121);
-    const float r = rintf(__fmul_rn(a, __int_as_float((257 - e) << 23))) * __int_as_float((e - 3) << 23);
-    return v < 0.f ? -r : r;
-}
-// two scaled values -> two e4m3 codes (the clamp makes the cast saturating), lo in the low byte
-__device__ __forceinline__ u32 code2(u32 w, float s, float inv) {
-    const float a = e4m3_grid(fminf(fmaxf(__fdiv_rn(lo_f(w), s), -448.f), 448.f));
-    const float b = e4m3_grid(fminf(fmaxf(__fdiv_rn(hi_f(w), s), -448.f), 448.f));
-    unsigned short h;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(h) : "f"(b), "f"(a));
-    return h;
-}
-#else
 __device__ __forceinline__ u32 code1(float x, float inv) {
     const int r = __float2int_rn(__fmul_rn(x, inv));   // x * (127 / amax), rounded once, then rint
     return (u32)(min(max(r, -128), 127) & 0xff);
@@ -461,11 +442,10 @@ __device__ __forceinline__ u32 code1(float x, float inv) {
 __device__ __forceinline__ u32 code2(u32 w, float s, float inv) {
     return code1(lo_f(w), inv) | (code1(hi_f(w), inv) << 8);
 }
-#endif
 
 extern "C" __global__ void __launch_bounds__(QT)
 w8a8_quant_act(const unsigned short* __restrict__ X, unsigned char* __restrict__ Q, float* __restrict__ S,
-               int K, int ldx, float token_min) {
+               int K, int ldx) {
 #if __CUDA_ARCH__ >= 900
     // a GEMV launched with PDL may start now and stream its weights; its griddepcontrol.wait
     // still waits for this whole grid to finish and its writes to be visible
@@ -488,11 +468,7 @@ w8a8_quant_act(const unsigned short* __restrict__ X, unsigned char* __restrict__
     a = part[0];
 #pragma unroll
     for (int w = 1; w < QT / 32; ++w) a = fmaxf(a, part[w]);
-#if IS_FP8
-    const float s = fmaxf(__fdiv_rn(a, 448.f), token_min), inv = 0.f;
-#else
     const float s = __fdiv_rn(a, 127.f), inv = a > 0.f ? __fdiv_rn(127.f, a) : 0.f;
-#endif
     if (c == 0 && tid == 0) S[m] = s;
     uint2* qr = (uint2*)(Q + (long long)m * K);
     for (int v = tid + c * QT; v < V; v += C * QT) {
@@ -504,8 +480,8 @@ w8a8_quant_act(const unsigned short* __restrict__ X, unsigned char* __restrict__
     }
 }
 """
-# X, Q, S; K, ldx, token_min
-QUANT_SIGNATURE = "ppp" + "ii" + "f"
+# X, Q, S; K, ldx
+QUANT_SIGNATURE = "ppp" + "ii"
 QUANT_THREADS = 256
 QUANTIZERS = ("cuda", "triton")
 BIAS_KINDS = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -592,8 +568,8 @@ def defines_for(fp8: bool, mt: int, out_dtype: torch.dtype, cfg: dict) -> dict:
             "MINB": cfg["MINB"], "PREFETCH": int(cfg.get("PREFETCH", 0)) if cfg.get("pdl") else 0}
 
 
-def quant_defines(fp8: bool, x_dtype: torch.dtype, threads: int = QUANT_THREADS) -> dict:
-    return {"IS_FP8": int(fp8), "BF16": int(x_dtype == torch.bfloat16), "QT": threads}
+def quant_defines(x_dtype: torch.dtype, threads: int = QUANT_THREADS) -> dict:
+    return {"BF16": int(x_dtype == torch.bfloat16), "QT": threads}
 
 
 def kernel_for(defines: dict, source: str = CUDA_SOURCE, name: str = "w8a8_gemv", signature: str = SIGNATURE):
@@ -608,8 +584,8 @@ def kernel_for(defines: dict, source: str = CUDA_SOURCE, name: str = "w8a8_gemv"
     return kern
 
 
-def quant_kernel_for(fp8: bool, x_dtype: torch.dtype, threads: int = QUANT_THREADS):
-    return kernel_for(quant_defines(fp8, x_dtype, threads), QUANT_SOURCE, "w8a8_quant_act", QUANT_SIGNATURE)
+def quant_kernel_for(x_dtype: torch.dtype, threads: int = QUANT_THREADS):
+    return kernel_for(quant_defines(x_dtype, threads), QUANT_SOURCE, "w8a8_quant_act", QUANT_SIGNATURE)
 
 
 def all_variants() -> list:
@@ -626,8 +602,7 @@ def all_variants() -> list:
                         if key not in seen:
                             seen.add(key)
                             out.append(kernel_for(d))
-            out.append(quant_kernel_for(fp8, torch.bfloat16 if mt == 1 else torch.float16))
-    return out
+    return out + [quant_kernel_for(dt) for dt in (torch.bfloat16, torch.float16)]
 
 
 def quant_grid(m: int, k: int, sms: int, threads: int = QUANT_THREADS) -> tuple[int, int]:
@@ -637,10 +612,17 @@ def quant_grid(m: int, k: int, sms: int, threads: int = QUANT_THREADS) -> tuple[
 
 
 def quantize_cuda(x: torch.Tensor, fp8: bool, threads: int = QUANT_THREADS):
-    """(codes [M, K] int8 | e4m3, s_x fp32 [M]): dynamic symmetric per-token quantization, bit-exact
-    with the schemes' quantize_activation for finite x (NaN / inf are not reproduced: fmaxf drops
-    a NaN from the amax)."""
+    """(codes [M, K] int8, s_x fp32 [M], None): dynamic symmetric per-token int8 quantization,
+    bit-exact with the schemes' quantize_activation for finite x (NaN / inf are not reproduced:
+    fmaxf drops a NaN from the amax).
+
+    int8 only: an e4m3 version of this kernel gave codes that differed from the Triton quantizer's
+    on some rows on the H200 (tests/test_gpu_w8a8_gemv.py, 2026-11-29; cause not found), so fp8
+    keeps the Triton quantizer, which the schemes' oracle backs."""
     from omniq.kernels._common import sm_count
+    if fp8:
+        raise KernelError("cuda.w8a8.gemv quantizer: int8 only; fp8 activations use the Triton quantizer "
+                          "(triton_w8a8.quantize_activation)")
     m, k = x.shape
     if k % 8 or x.dtype not in (torch.bfloat16, torch.float16):
         raise KernelError(f"cuda.w8a8.gemv quantizer: x [M, K] bf16 / fp16 with K % 8 == 0, got {tuple(x.shape)} "
@@ -649,13 +631,12 @@ def quantize_cuda(x: torch.Tensor, fp8: bool, threads: int = QUANT_THREADS):
         x = x.contiguous()
         if x.data_ptr() % 16:
             x = x.clone()
-    q = torch.empty(m, k, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return q, s, None
-    from omniq.kernels.triton_w8a8 import TOKEN_SCALE_MIN
-    quant_kernel_for(fp8, x.dtype, threads)(x.device, quant_grid(m, k, sm_count(x.device), threads), (threads,),
-                                            [x, q, s, k, x.stride(0), TOKEN_SCALE_MIN])
+    quant_kernel_for(x.dtype, threads)(x.device, quant_grid(m, k, sm_count(x.device), threads), (threads,),
+                                       [x, q, s, k, x.stride(0)])
     return q, s, None
 
 
@@ -683,9 +664,12 @@ def run_gemv(x: torch.Tensor, p, bias: torch.Tensor | None, cfg: dict | None = N
     dev = x.device
     # PDL only right after this call's own quantizer: the GEMV reads the weight before it waits,
     # which is safe because the quantizer (a plain launch) began after every earlier kernel ended
-    pdl = bool(cfg.get("pdl")) and xq is None
+    # (the CUDA quantizer is int8 only, and PDL gains nothing after the Triton quantizer, which
+    # sends no early trigger: measured in results/h200-2026-11-29b/probe_w8a8_pdl.txt)
+    cuda_quant = cfg.get("quant") == "cuda" and not p.fp8
+    pdl = bool(cfg.get("pdl")) and xq is None and cuda_quant
     if xq is None:
-        xq = quantize_cuda(x, p.fp8) if cfg.get("quant") == "cuda" else w8a8.quantize_prepared_activation(x, p)
+        xq = quantize_cuda(x, False) if cuda_quant else w8a8.quantize_prepared_activation(x, p)
     q, xs, _ = xq
     if not q.is_contiguous():
         q = q.contiguous()

@@ -226,7 +226,7 @@ def test_pdl_switches_the_prefetch_define_and_defaults_on():
 def test_all_variants_cover_pdl_on_off_and_the_quantizers():
     ks = gemv.all_variants()
     names = [k.name for k in ks]
-    assert names.count("w8a8_quant_act") == 4      # fp8 / int8 x bf16 / fp16
+    assert names.count("w8a8_quant_act") == 2      # int8 x bf16 / fp16
     gemvs = [k for k in ks if k.name == "w8a8_gemv"]
     assert len({k.key for k in gemvs}) == len(gemvs), "a variant listed twice"
     # PDL-off variants never prefetch; PDL-on ones use DEFAULT's depth
@@ -249,8 +249,10 @@ def types_prepared():
 
 
 def test_quantize_cuda_checks_its_input():
+    with pytest.raises(omniq.KernelError, match="int8 only"):
+        gemv.quantize_cuda(torch.zeros(2, 16, dtype=torch.bfloat16), True)
     with pytest.raises(omniq.KernelError, match="K % 8"):
-        gemv.quantize_cuda(torch.zeros(2, 12, dtype=torch.bfloat16), True)
+        gemv.quantize_cuda(torch.zeros(2, 12, dtype=torch.bfloat16), False)
     with pytest.raises(omniq.KernelError, match="bf16 / fp16"):
         gemv.quantize_cuda(torch.zeros(2, 16), False)
 
@@ -281,21 +283,30 @@ def recorded(monkeypatch):
 
 @pytest.mark.parametrize("quant,pdl", [("cuda", True), ("cuda", False), ("triton", True), ("triton", False)])
 def test_run_gemv_launches_quantizer_then_gemv(recorded, quant, pdl):
-    import struct
-    from omniq.kernels.triton_w8a8 import TOKEN_SCALE_MIN
     log, p = recorded
     x = torch.randn(5, 4096).to(torch.bfloat16)
     gemv.run_gemv(x, p, None, cfg=dict(gemv.DEFAULT, quant=quant, pdl=pdl))
     assert [c["name"] for c in log] == [("quant" if quant == "cuda" else "triton_quant"), "gemv"]
-    assert log[1]["pdl"] is pdl
+    # PDL only behind the CUDA quantizer, the one that lets the GEMV start early
+    assert log[1]["pdl"] is (pdl and quant == "cuda")
     if quant == "cuda":
         q = log[0]
         assert q["grid"] == gemv.quant_grid(5, 4096, 4) and q["block"] == (gemv.QUANT_THREADS,)
-        xa, qa, sa, k, ldx, tmin = q["args"]
+        xa, qa, sa, k, ldx = q["args"]
         assert xa is x and qa.shape == (5, 4096) and qa.dtype == torch.int8 and sa.shape == (5,)
-        assert (k, ldx) == (4096, 4096) and tmin == TOKEN_SCALE_MIN
+        assert (k, ldx) == (4096, 4096)
         assert log[1]["args"][1] is qa and log[1]["args"][3] is sa, "the GEMV reads this call's codes and scales"
-        assert struct.pack("f", tmin) == struct.pack("f", 1.0 / 229376.0)
+
+
+def test_fp8_keeps_the_triton_quantizer_and_a_plain_launch(monkeypatch):
+    from omniq.kernels import triton_w8a8 as w8a8
+    log = []
+    monkeypatch.setattr(gemv, "kernel_for", lambda defines, *a, **k: _Recorder(log, "gemv"))
+    monkeypatch.setattr(w8a8, "quantize_prepared_activation", lambda x, p: (
+        log.append(dict(name="triton_quant")) or (torch.zeros(x.shape, dtype=torch.float8_e4m3fn), torch.ones(x.shape[0]), None)))
+    p = w8a8.prepare_w8a8(omniq.get_scheme("fp8").quantize(torch.randn(48, 4096), name="t.layer"), torch.device("cpu"))
+    gemv.run_gemv(torch.randn(3, 4096).to(torch.bfloat16), p, None, cfg=dict(gemv.DEFAULT, quant="cuda", pdl=True))
+    assert [c["name"] for c in log] == ["triton_quant", "gemv"] and log[1]["pdl"] is False
 
 
 def test_run_gemv_with_given_codes_never_uses_pdl(recorded):

@@ -1,9 +1,8 @@
-"""cuda.mxfp8.gemv (CUDA C++ via NVRTC) compiled on a GPU against scheme.matmul: W8A8 (Triton
-quantizer first, and the in-kernel quantizer) and W8A16, M = 1..16, bf16 and fp16 activations,
-every scale rule, awkward N and K (K % 32 == 16 included), rows whose scales span many octaves,
-NaN scales, NaN weight codes, NaN / Inf activations, split-K and single-split launches, every
-prefetch depth, bias, CUDA-graph capture, the decoded weight itself (identity activations) bit
-for bit, and the in-kernel quantizer bit for bit against the Triton pass."""
+"""cuda.mxfp8.gemv (CUDA C++ via NVRTC) compiled on a GPU against scheme.matmul: W8A8 (the Triton
+quantizer first) and W8A16, M = 1..16, bf16 activations (fp16 is refused, and served by another
+kernel), every scale rule, awkward N and K (K % 32 == 16 included), rows whose scales span many
+octaves, NaN scales, NaN weight codes, split-K and single-split launches, every prefetch depth,
+bias, CUDA-graph capture, and the decoded weight itself (identity activations) bit for bit."""
 from __future__ import annotations
 
 import functools
@@ -22,7 +21,6 @@ from _int_util import assert_within, check_graph_replay, error_bound
 from _scheme_util import make_tensor
 
 GPU = torch.device("cuda")
-HALF = (torch.bfloat16, torch.float16)
 KERNEL = "cuda.mxfp8.gemv"
 
 
@@ -79,7 +77,7 @@ def test_mxfp8_gemv_against_reference(data):
     act = data.draw(st.sampled_from(("mxfp8", None)))
     rule = data.draw(st.sampled_from(tuple(tm.RULES)))
     sch = omniq.get_scheme("mxfp8", activation=act, scale_rule=rule)
-    dtype = torch.bfloat16 if act is None else data.draw(st.sampled_from(HALF))
+    dtype = torch.bfloat16
     n = data.draw(st.integers(1, 300))
     k = 16 * data.draw(st.integers(1, 80))
     spread = data.draw(st.sampled_from((0, 3, 20)))
@@ -90,7 +88,7 @@ def test_mxfp8_gemv_against_reference(data):
     bias = None if data.draw(st.booleans()) else make_tensor((n,), "normal", 1).to(dtype)
     knobs = dict(TARGET_CTAS=data.draw(st.sampled_from((mx8.TARGET_CTAS, 1, 4096))),
                  PREFETCH=data.draw(st.sampled_from((None, 1, 2, 3, 4))),
-                 FUSED_QUANT=data.draw(st.booleans()), NANCHK=data.draw(st.booleans()))
+                 NANCHK=data.draw(st.booleans()))
     _check(qw, x.to(GPU), None if bias is None else bias.to(GPU),
            f"act={act} {rule} N={n} K={k} M={m} {dtype} spread={spread} {knobs}", **knobs)
 
@@ -112,26 +110,6 @@ def test_mxfp8_gemv_decodes_every_weight_exactly(k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rule", tuple(tm.RULES))
-@pytest.mark.parametrize("dtype", HALF)
-def test_in_kernel_quantizer_equals_the_triton_pass(rule, dtype):
-    """The same MMAs over the same bf16 x: phase 2 (QX) must give phase 1's bits, NaN / Inf
-    blocks, tiny and huge blocks included."""
-    n, k, m = 200, 1040, 11
-    sch = omniq.get_scheme("mxfp8", scale_rule=rule)
-    qw = sch.quantize(_weight(n, k, 3, 4))
-    x = make_tensor((m, k), "heavy", 9, 1.0)
-    x[1, :32] *= 1e-36
-    x[2, 64:96] *= 1e30 if dtype == torch.bfloat16 else 1e3
-    x[3, 5], x[4, 700] = float("nan"), float("inf")
-    x = x.to(GPU, dtype)
-    a = _run(qw, x, None, FUSED_QUANT=False)
-    b = _check(qw, x, None, f"fused {rule} {dtype}", FUSED_QUANT=True)
-    assert torch.equal(a.isnan(), b.isnan())
-    assert torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("where", ["scale", "code"])
 def test_mxfp8_gemv_nan_rows(where):
     sch = omniq.get_scheme("mxfp8")
@@ -150,15 +128,16 @@ def test_mxfp8_gemv_nan_rows(where):
 
 
 @pytest.mark.gpu
-def test_mxfp8_gemv_refuses_fp16_weight_only():
-    sch = omniq.get_scheme("mxfp8", activation=None)
+@pytest.mark.parametrize("act", ["mxfp8", None])
+def test_mxfp8_gemv_refuses_fp16(act):
+    sch = omniq.get_scheme("mxfp8", activation=act)
     qw = sch.quantize(_weight(64, 128, 1, 1))
     p = tm.prepare_mxfp8(qw, GPU)
     with pytest.raises(KernelError, match="fp16"):
         mx8.run(torch.zeros(2, 128, device=GPU, dtype=torch.float16), p, None)
     # the dispatcher passes it to another kernel, which computes it
-    x = make_tensor((2, 128), "normal", 3).to(GPU, torch.float16)
-    y = omniq.linear(x, omniq.prepare(qw, GPU))
+    x = make_tensor((2, 128), "normal", 3).to(torch.float16)
+    y = omniq.linear(x.to(GPU), omniq.prepare(qw, GPU)).cpu()
     ref = sch.matmul(x, qw)
     assert (y.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max()
 
@@ -169,21 +148,18 @@ def _big_weight(n, k, act):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("act,dtype", [("mxfp8", torch.bfloat16), ("mxfp8", torch.float16), (None, torch.bfloat16)])
+@pytest.mark.parametrize("act", ["mxfp8", None])
 @pytest.mark.parametrize("n,k", [(3072, 12288), (12288, 3072), (8192, 8192)])
 @pytest.mark.parametrize("m", [1, 7, 16])
-def test_mxfp8_gemv_benchmark_shapes(act, n, k, m, dtype):
+def test_mxfp8_gemv_benchmark_shapes(act, n, k, m):
     assert not torch.backends.cuda.matmul.allow_tf32
     qw = _big_weight(n, k, act)
-    x = make_tensor((m, k), "normal", 8).to(GPU, dtype)
-    for fused in ((False, True) if act else (False,)):
-        _check(qw, x, None, f"{act} {n}x{k} M={m} {dtype} fused={fused}", FUSED_QUANT=fused)
+    x = make_tensor((m, k), "normal", 8).to(GPU, torch.bfloat16)
+    _check(qw, x, None, f"{act} {n}x{k} M={m}")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [False, True])
-def test_mxfp8_gemv_graph_replay(fused):
+def test_mxfp8_gemv_graph_replay():
     sch = omniq.get_scheme("mxfp8")
     qw = sch.quantize(_weight(1024, 2048, 3, 2))
-    with _knobs(FUSED_QUANT=fused):
-        check_graph_replay(sch, qw, (1, 4, 16), kernel=KERNEL)
+    check_graph_replay(sch, qw, (1, 4, 16), kernel=KERNEL)

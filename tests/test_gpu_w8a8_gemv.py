@@ -135,7 +135,7 @@ QUANT_DISTS = ("normal", "heavy", "zero_rows", "grid", "constant_rows", "sparse"
 def test_cuda_quantizer_is_bit_exact(data):
     """codes and scales equal the Triton quantizer's, and codes * scale equal the scheme's
     quantize_activation bit for bit (the oracle: torch arithmetic in omniq/schemes)."""
-    name = data.draw(st.sampled_from(("fp8", "int8")))
+    name = "int8"    # the CUDA quantizer is int8 only (fp8 keeps the Triton one: see quantize_cuda)
     sch = omniq.get_scheme(name)
     m = data.draw(st.integers(1, 40))
     k = 8 * data.draw(st.one_of(st.integers(1, 40), st.integers(1, 2048)))
@@ -157,8 +157,8 @@ def test_cuda_quantizer_is_bit_exact(data):
 
 def test_cuda_quantizer_takes_strided_rows():
     x = make_tensor((5, 200), "heavy", 3).to(torch.bfloat16).to(GPU)[:, 8:168]   # row stride 200, offset 16 B
-    q, s, _ = gemv.quantize_cuda(x, True)
-    tq, ts, _ = w8a8.quantize_activation(x.contiguous(), w8a8.ACT_TOKEN, True)
+    q, s, _ = gemv.quantize_cuda(x, False)
+    tq, ts, _ = w8a8.quantize_activation(x.contiguous(), w8a8.ACT_TOKEN, False)
     assert torch.equal(q.view(torch.uint8), tq.view(torch.uint8)) and torch.equal(s, ts)
 
 
