@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from omniq.dispatch import Problem, register_kernel
+from omniq.dispatch import CHECKPOINT, Problem, register_kernel
 from omniq.kernels import triton_gguf as tg
 from omniq.kernels import triton_mx as tm
 from omniq.kernels._common import TritonKernel
@@ -105,7 +105,7 @@ MXFP8SplitK, MXFP8Gemm, MXFP8DequantMM = _register_family(
 
 class _GGUF(_TritonFP):
     schemes = ("gguf",)
-    layout = tg.GGUF      # q8_0 / q4_k / q6_k repacked, the other types' raw block bytes
+    layout = CHECKPOINT   # the raw block bytes, decoded in the kernel
     tiled, dequant_mm = staticmethod(tg.run_gguf), staticmethod(tg.run_gguf_dequant_mm)
 
     def _check(self, problem):

@@ -1,39 +1,28 @@
-"""GGUF (ggml) block-quantized weights in Triton: the triton.gguf.v2 layout and its kernels.
+"""GGUF (ggml) block-quantized weights in Triton, decoded from the raw block bytes in-kernel.
 
-Layout (`prepare_gguf`, one device copy shared by the split-K, GEMM and dequantize kernels):
-q8_0, q4_k and q6_k are repacked once so that the codes are one contiguous, 16-byte aligned
-tensor with the per-block fields beside it; it holds exactly the checkpoint's bytes:
-  q8_0  qs int8 [N, K] codes, d fp16 [N, K/32]                                  (34 B / 32)
-  q4_k  qs uint8 [N, K/2] (element 2i low nibble, 2i+1 high), hdr uint8 [N, K/256, 16]:
-        each super-block's d, dmin (fp16) and 12 packed 6-bit scale/min bytes as in the file
-                                                                                 (144 B / 256)
-  q6_k  qs uint8 [N, K/2] low nibbles (as q4_k), qh uint8 [N, K/4] high 2 bits (element 4i+t
-        at bits 2t), sc int8 [N, K/16], d fp16 [N, K/256]                      (210 B / 256)
-The other seven types keep the file's bytes (`raw`) and the byte-offset decoder below, which
-reads each block's fields in place (formats.md section 5, omniq.formats.gguf_blocks).
+The layout is the checkpoint itself (`weight` uint8 [N, K/block * bytes_per_block], the blocks
+of a row back to back, as in the GGUF file): nothing is repacked, the kernels read each block's
+fields at their byte offsets (formats.md section 5, omniq.formats.gguf_blocks). f16 fields are
+read through an int16 view of the same bytes (every block size is even).
 
-Repacked kernel (`_gguf_mm_kernel`): per K tile of BLOCK_K (a multiple of 32), the weight tile
-[BLOCK_N, BLOCK_K] is decoded in registers with tensor ops (shift/and, tl.join, tl.reshape; codes
-become fp32 through the 2^23 magic-number trick, no int->float conversions), each value computed
-in fp32 in gguf-py's op order and rounded once to the dot dtype (exactly the values the
-dequantize kernel writes), then ONE tl.dot against x^T [BLOCK_K, BLOCK_M] (swap-AB: acc[n, m]).
-Split-K for small M (the last CTA of each tile sums the partials), the same kernel untiled in K
-for large M, and dequantize-then-matmul over the same decoder.
+All ten types run: q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k. A block is cut
+into sub-tiles that share one scale (16 or 32 elements along K); each sub-tile is decoded to
+(code - zero) * scale + offset in fp32 with gguf-py's op order, rounded once to the dot dtype,
+and multiplied on tensor cores against the matching slice of x (swap-AB: the weight is the
+MMA's A operand). Compiled for NVIDIA, 4-bit nibbles (q4_0, q4_1, q4_k) and the int8 codes of
+q8_0 become bf16x2/fp16x2 pairs with PTX prmt/lop3 (exact: 0x4300 | q is 128 + q in bf16) and a
+paired fma applies scale and offset.
 
-Raw-byte kernel (the seven other types): a block is cut into sub-tiles that share one scale;
-each sub-tile is decoded to (code - zero) * scale + offset in fp32 with gguf-py's op order,
-rounded once to the dot dtype and multiplied on tensor cores. Compiled for NVIDIA, 4-bit
-nibbles (q4_0, q4_1) become bf16x2/fp16x2 pairs with PTX prmt/lop3.
+Kernels: split-K for small M (the last CTA of each tile sums the partials), a tiled GEMM, and
+for M >= 128 dequantize-then-matmul (the same block decoder writes a transient dense copy in
+one pass, then torch's dense matmul), all over the same bytes.
 """
 from __future__ import annotations
 
 import torch
 
-from dataclasses import dataclass
-
-from omniq.dispatch import Layout
 from omniq.errors import KernelError, where
-from omniq.kernels._common import layered_config, next_pow2, tl, triton
+from omniq.kernels._common import layered_config, tl, triton
 from omniq.kernels.triton_mx import _launch_grid, _workspace, dot_dtype, nvidia_ptx
 
 # ggml type ids (gguf.GGMLQuantizationType), the kernel's TYPE constant
@@ -42,10 +31,8 @@ TYPE_IDS = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7,
 # elements and bytes per block
 BLOCK = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24),
          "q2_k": (256, 84), "q3_k": (256, 110), "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210)}
-# types with a PTX decode in the raw-byte kernel (4-bit nibbles and int8 codes)
+# types with a PTX decode (4-bit nibbles and int8 codes)
 PTX_TYPES = ("q8_0", "q4_0", "q4_1", "q4_k")
-# types the triton.gguf.v2 layout repacks (the others keep the file's bytes)
-REPACKED = ("q8_0", "q4_k", "q6_k")
 
 # PTX of the GGUF decoders, two bytes (consecutive K: one MMA register) per call.
 # int8 codes:  $0 = q*a + c pair (output), $1 the two bytes (b16), $2 a pair, $3 c pair.
@@ -382,114 +369,6 @@ if triton is not None:
                                 TYPE, 0, tl.float32, False, True, out_ptr, offs_n, N, ldo, True)
 
 
-    # ---- the repacked types (q8_0, q4_k, q6_k): one decoded tile, one dot per K tile ----------
-    @triton.jit
-    def _exact_f32(q, bias: tl.constexpr):
-        """int32 q + 2^23 (0 <= q + 2^23 < 2^24 as bits) -> the fp32 value q - bias, exact: the
-        2^23 magic number replaces a slow int->float conversion with an or/add and a subtract."""
-        return (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + bias)
-
-    @triton.jit
-    def _decode_tile(qs_row, qh_row, hdr_row, d_row, kt,
-                     TYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
-        """W[rows, kt*BLOCK_K : (kt+1)*BLOCK_K] in DOT [BLOCK_N, BLOCK_K], natural K order; each
-        value in fp32 with gguf-py's op order, rounded once. *_row: the rows' base pointers [BN].
-        Every load is a contiguous run per row (vectorised, so the pipeliner can stage it)."""
-        if TYPE == 8:      # q8_0: d * q
-            G: tl.constexpr = BLOCK_K // 32
-            q = tl.load(qs_row[:, None] + kt * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]).to(tl.int32)
-            qf = (q + (0x4B000000 + 128)).to(tl.float32, bitcast=True) - 8388736.0   # q + 128 >= 0
-            d = tl.load(d_row[:, None] + kt * G + tl.arange(0, G)[None, :]).to(tl.float32)
-            w = tl.reshape(tl.reshape(qf, [BLOCK_N, G, 32]) * d[:, :, None], [BLOCK_N, BLOCK_K])
-            w = w.to(DOT)
-        elif TYPE == 12:   # q4_k: (d*sc) * q - dmin*mn per 32 elements; BLOCK_K <= 256
-            G: tl.constexpr = BLOCK_K // 32
-            b = tl.load(qs_row[:, None] + kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)[None, :]).to(tl.int32)
-            b = tl.reshape(b, [BLOCK_N, G, 16])
-            # the super-block header, one 16-byte load per row: words d | dmin << 16, then the
-            # 12 scale bytes (ggml get_scale_min_k4): w1 = sc0-3 (+ sc4-7 high bits in bits 6-7),
-            # w2 = mn0-3 (+ mn4-7 high bits), w3 = sc4-7 low nibbles | mn4-7 low nibbles << 4
-            hw = tl.load(hdr_row[:, None] + (kt // (256 // BLOCK_K)) * 4 + tl.arange(0, 4)[None, :])
-            w02, w13 = tl.split(tl.reshape(hw, [BLOCK_N, 2, 2]))
-            w0, w2 = tl.split(w02)
-            w1, w3 = tl.split(w13)
-            jj = (kt * G + tl.arange(0, G)) % 8   # sub-blocks of this tile
-            sh = ((jj % 4) * 8)[None, :]
-            lowj = (jj < 4)[None, :]
-            w1, w2, w3 = w1[:, None], w2[:, None], w3[:, None]
-            sc = tl.where(lowj, (w1 >> sh) & 63, ((w3 >> sh) & 15) | (((w1 >> (sh + 6)) & 3) << 4))
-            mn = tl.where(lowj, (w2 >> sh) & 63, ((w3 >> (sh + 4)) & 15) | (((w2 >> (sh + 6)) & 3) << 4))
-            d = (w0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            dmin = ((w0 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            scale = (d[:, None] * sc.to(tl.float32))[:, :, None]
-            off = (-(dmin[:, None] * mn.to(tl.float32)))[:, :, None]
-            lo = (_exact_f32(b & 15, 0.0) * scale + off).to(DOT)
-            hi = (_exact_f32(b >> 4, 0.0) * scale + off).to(DOT)
-            w = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])
-        else:              # q6_k: (d*sc) * (q - 32) per 16 elements, q = low4 | high2 << 4; BLOCK_K <= 256
-            G: tl.constexpr = BLOCK_K // 16
-            b = tl.load(qs_row[:, None] + kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)[None, :]).to(tl.int32)
-            low = tl.reshape(tl.join(b & 15, b >> 4), [BLOCK_N, BLOCK_K])
-            h = tl.load(qh_row[:, None] + kt * (BLOCK_K // 4) + tl.arange(0, BLOCK_K // 4)[None, :]).to(tl.int32)
-            high = tl.reshape(tl.join(tl.join(h & 3, (h >> 4) & 3), tl.join((h >> 2) & 3, h >> 6)),
-                              [BLOCK_N, BLOCK_K])
-            qf = _exact_f32(low | (high << 4), 32.0)
-            sc = tl.load(hdr_row[:, None] + kt * G + tl.arange(0, G)[None, :]).to(tl.float32)
-            d = tl.load(d_row + kt // (256 // BLOCK_K)).to(tl.float32)
-            w = tl.reshape(tl.reshape(qf, [BLOCK_N, G, 16]) * (d[:, None] * sc)[:, :, None], [BLOCK_N, BLOCK_K])
-            w = w.to(DOT)
-        return w
-
-    @triton.jit
-    def _rows(qs_ptr, qh_ptr, hdr_ptr, d_ptr, rn, s_qs, s_qh, s_hdr, s_d):
-        """Base pointers of rows rn [BN] in each layout tensor (row strides are arguments, so
-        Triton knows their 16-divisibility; int64: N * K may pass 2^31)."""
-        r = rn.to(tl.int64)
-        return qs_ptr + r * s_qs, qh_ptr + r * s_qh, hdr_ptr + r * s_hdr, d_ptr + r * s_d
-
-    @triton.jit
-    def _gguf_mm_kernel(x_ptr, qs_ptr, qh_ptr, hdr_ptr, d_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-                        M, N, K, stride_xm, stride_ym, s_qs, s_qh, s_hdr, s_d,
-                        TYPE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-                        UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K,
-                        GROUP_N: tl.constexpr):
-        """acc[n, m] = sum over K tiles of decode(W tile) @ x^T tile: one dot per tile."""
-        pid_n, pid_m = _tile_ids(N, M, BLOCK_N, BLOCK_M, GROUP_N)
-        pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.minimum(offs_n, N - 1)
-        rm = tl.minimum(offs_m, M - 1)
-        qs_row, qh_row, hdr_row, d_row = _rows(qs_ptr, qh_ptr, hdr_ptr, d_ptr, rn, s_qs, s_qh, s_hdr, s_d)
-        x_col = x_ptr + rm.to(tl.int64)[None, :] * stride_xm + tl.arange(0, BLOCK_K)[:, None]
-        n_iters = K // BLOCK_K
-        per = tl.cdiv(n_iters, SPLIT_K)
-        i0 = pid_k * per
-        i1 = tl.minimum(i0 + per, n_iters)
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for it in range(i0, i1):
-            w = _decode_tile(qs_row, qh_row, hdr_row, d_row, it, TYPE, BLOCK_N, BLOCK_K, DOT)
-            xt = tl.load(x_col + it * BLOCK_K).to(DOT)
-            acc = _mma(acc, w, xt, UPCAST, IEEE)
-        _epilogue(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, offs_n, offs_m, N, M, stride_ym,
-                  pid_n * tl.cdiv(M, BLOCK_M) + pid_m, tl.cdiv(N, BLOCK_N) * tl.cdiv(M, BLOCK_M), pid_k,
-                  SPLIT_K, HAS_BIAS, BLOCK_N, BLOCK_M)
-
-    @triton.jit
-    def _gguf_mm_dequant_kernel(qs_ptr, qh_ptr, hdr_ptr, d_ptr, out_ptr, N, ldo, s_qs, s_qh, s_hdr, s_d,
-                                TYPE: tl.constexpr, OUT: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out[n, k tile] = the decoded tile (the same decoder and rounding as the matmul)."""
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rn = tl.minimum(offs_n, N - 1)
-        kt = tl.program_id(1)
-        qs_row, qh_row, hdr_row, d_row = _rows(qs_ptr, qh_ptr, hdr_ptr, d_ptr, rn, s_qs, s_qh, s_hdr, s_d)
-        w = _decode_tile(qs_row, qh_row, hdr_row, d_row, kt, TYPE, BLOCK_N, BLOCK_K, OUT)
-        tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * ldo + kt * BLOCK_K + tl.arange(0, BLOCK_K)[None, :], w,
-                 mask=(offs_n < N)[:, None])
-
-
 # --------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------
@@ -518,157 +397,17 @@ def gguf_type(qw) -> str:
     return t
 
 
-# Repacked types: tiles of BLOCK_K along K, one dot each. Shared memory per stage holds the x^T
-# tile [BLOCK_K, BLOCK_M] and the weight bytes (q8_0: BLOCK_N x BLOCK_K), plus one scratch copy of
-# the decoded tile for the dot-operand layout: the defaults stay under ~180 KiB of the 227 KiB.
-# Split-K below M = 64 fills the SMs; large M keeps 128 x 128 output tiles.
-R_DEFAULTS = {
-    "splitk": {"BLOCK_N": 128, "BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4, "waves": 2.0},
-    "gemm": {"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3, "GROUP_N": 8},
-}
-R_BY_M = {("gemm", 64): {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4},
-          ("gemm", 128): {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4}}
-R_BY_TYPE: dict = {}
-
-
-def r_config_for(kind: str, gtype: str, m: int, n: int, k: int) -> dict:
-    return layered_config(R_DEFAULTS, R_BY_M, TUNED, kind, m, (kind, gtype, n, k), R_BY_TYPE.get((kind, gtype), {}))
-
-
-@dataclass(eq=False)
-class GGUFPrepared:
-    """The one device copy of a gguf weight for the triton.gguf kernels (module docstring):
-    repacked tensors for q8_0 / q4_k / q6_k, the file's bytes (`raw`) for the other types."""
-
-    gtype: str
-    n: int
-    k: int
-    raw: torch.Tensor | None = None     # uint8 [N, K/block * bytes per block]
-    qs: torch.Tensor | None = None      # q8_0 int8 [N, K]; q4_k / q6_k uint8 [N, K/2]
-    qh: torch.Tensor | None = None      # q6_k uint8 [N, K/4]
-    hdr: torch.Tensor | None = None     # q4_k uint8 [N, K/16] (16-byte headers); q6_k int8 [N, K/16]
-    d: torch.Tensor | None = None       # q8_0 fp16 [N, K/32]; q6_k fp16 [N, K/256]
-    scheme: object = None
-    name: str | None = None
-
-
-def _pack_quads(v: torch.Tensor) -> torch.Tensor:
-    """int [N, K] 2-bit values -> uint8 [N, K/4], element 4i+t at bits 2t of byte i."""
-    v = v.to(torch.int32).reshape(v.shape[0], -1, 4)
-    return (v[..., 0] | (v[..., 1] << 2) | (v[..., 2] << 4) | (v[..., 3] << 6)).to(torch.uint8)
-
-
-def prepare_gguf(qw, device) -> GGUFPrepared:
-    """The triton.gguf.v2 layout of a gguf weight (repacked on the device, once)."""
-    from omniq.formats import gguf_blocks as gb
-    from omniq.formats.packing import pack_nibbles
+def run_gguf(x: torch.Tensor, qw, bias: torch.Tensor | None, kind: str = "gemm", cfg: dict | None = None,
+             asm: bool | None = None) -> torch.Tensor:
+    """y[M, N] = x[M, K] @ W^T (+ bias) for a gguf QuantizedWeight (raw block bytes)."""
     t = gguf_type(qw)
     n, k = qw.shape
+    qk, bpb = BLOCK[t]
     w = qw.tensors["weight"]
-    w = (w if w.dtype == torch.uint8 else w.view(torch.uint8)).to(torch.device(device)).contiguous()
-    p = GGUFPrepared(gtype=t, n=n, k=k, scheme=qw.scheme, name=qw.name)
-    if t not in REPACKED:
-        p.raw = w
-        return p
-    bt = gb.BLOCK_TYPES[t]
-    qk, bpb = BLOCK[t]
-    blocks = w.reshape(n, k // qk, bpb)
-    if t == "q4_k":   # header = d, dmin, scales (bytes 0-15 of the block); qs re-paired along K
-        p.hdr = blocks[:, :, :16].reshape(n, k // 16).contiguous()
-        codes = gb.unpack_blocks(bt, blocks.reshape(-1, bpb))["codes"].reshape(n, k)
-        p.qs = pack_nibbles(codes)
-        return p
-    f = gb.unpack_blocks(bt, blocks.reshape(-1, bpb))
-    if t == "q8_0":
-        p.qs = f["codes"].to(torch.int8).reshape(n, k).contiguous()
-        p.d = f["d"].reshape(n, k // 32).contiguous()
-    else:             # q6_k
-        codes = f["codes"].reshape(n, k)
-        p.qs = pack_nibbles(codes & 15)
-        p.qh = _pack_quads(codes >> 4)
-        p.hdr = f["sc"].to(torch.int8).reshape(n, k // 16).contiguous()
-        p.d = f["d"].reshape(n, k // 256).contiguous()
-    return p
-
-
-GGUF_LAYOUT = "triton.gguf.v2"
-GGUF = Layout(GGUF_LAYOUT, prepare_gguf)
-
-
-def _prepared(w, device) -> GGUFPrepared:
-    """A prepared layout as is; a QuantizedWeight prepared on the fly (tests, probes)."""
-    return w if isinstance(w, GGUFPrepared) else prepare_gguf(w, device)
-
-
-def _tensor_args(p: GGUFPrepared):
-    """(qs, qh, hdr, d) kernel pointers, then their row strides; an unused slot gets qs. The
-    q4_k header goes as int32 words (one 16-byte load per super-block and row)."""
-    hdr = p.hdr.view(torch.int32) if p.gtype == "q4_k" else p.hdr
-    ts = [t if t is not None else p.qs for t in (p.qs, p.qh, hdr, p.d)]
-    return (*ts, *(t.stride(0) for t in ts))
-
-
-def _block_k(want: int, k: int, gtype: str | None = None) -> int:
-    """The largest power-of-two multiple of 32, at most `want` (at most one super-block for the
-    K-quants, whose tile reads one header), that divides K."""
-    bk = max(32, next_pow2(want))
-    if gtype in ("q4_k", "q6_k"):
-        bk = min(bk, 256)
-    while bk > 32 and k % bk:
-        bk //= 2
-    return bk
-
-
-# the compiled kernel of the last launch (registers, spills, shared memory for the probe)
-LAST_COMPILED: dict = {}
-
-
-def run_gguf_repacked(x: torch.Tensor, p: GGUFPrepared, bias: torch.Tensor | None, kind: str = "gemm",
-                      cfg: dict | None = None) -> torch.Tensor:
-    """y = x @ W^T (+ bias) for a repacked q8_0 / q4_k / q6_k weight: one dot per K tile."""
-    m, n, k = x.shape[0], p.n, p.k
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    cfg = dict(cfg or r_config_for(kind, p.gtype, m, n, k))
-    if x.dtype == torch.float32:   # fp32 tiles are twice the bytes: keep the stages in shared memory
-        cfg.update(BLOCK_K=min(cfg["BLOCK_K"], 64), num_stages=min(cfg["num_stages"], 2))
-    dot, upcast, ieee = dot_dtype(x.dtype)
-    bk = _block_k(cfg["BLOCK_K"], k, p.gtype)
-    bn, bm, tiles, split = _launch_grid(kind, m, n, k // bk, x.device, cfg)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ws, cnt = _workspace(split, tiles, bn, bm, x.device, dummy=y)
-    args = _tensor_args(p)
-    LAST_COMPILED["mm"] = _gguf_mm_kernel[(tiles, split)](
-        x, *args[:4], bias if bias is not None else y, y, ws, cnt,
-        m, n, k, x.stride(0), y.stride(0), *args[4:],
-        TYPE=TYPE_IDS[p.gtype], HAS_BIAS=bias is not None, DOT=dot, UPCAST=upcast, IEEE=ieee,
-        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=split, GROUP_N=cfg.get("GROUP_N", 1),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return y
-
-
-_OUT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-
-
-def _dequantize_repacked(p: GGUFPrepared, dtype: torch.dtype) -> torch.Tensor:
-    out = torch.empty(p.n, p.k, dtype=dtype, device=p.qs.device)
-    bk, bn = _block_k(256, p.k, p.gtype), 32
-    args = _tensor_args(p)
-    _gguf_mm_dequant_kernel[(-(-p.n // bn), p.k // bk)](
-        *args[:4], out, p.n, out.stride(0), *args[4:],
-        TYPE=TYPE_IDS[p.gtype], OUT=getattr(tl, _OUT_DTYPES[dtype]), BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
-    return out
-
-
-def run_gguf(x: torch.Tensor, w, bias: torch.Tensor | None, kind: str = "gemm", cfg: dict | None = None,
-             asm: bool | None = None) -> torch.Tensor:
-    """y[M, N] = x[M, K] @ W^T (+ bias) for a gguf weight: a GGUFPrepared (the layout) or a
-    QuantizedWeight (prepared on the fly). `asm` applies to the raw-byte kernel only."""
-    p = _prepared(w, x.device)
-    if p.gtype in REPACKED:
-        return run_gguf_repacked(x, p, bias, kind, cfg)
-    t, n, k, raw = p.gtype, p.n, p.k, p.raw
-    qk, bpb = BLOCK[t]
+    if w.dtype != torch.uint8:
+        w = w.view(torch.uint8)
+    if not w.is_contiguous():
+        w = w.contiguous()
     m = x.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -684,8 +423,8 @@ def run_gguf(x: torch.Tensor, w, bias: torch.Tensor | None, kind: str = "gemm", 
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws, cnt = _workspace(split, tiles, bn, bm, x.device, dummy=y)
     _gguf_kernel[(tiles, split)](
-        x, raw, raw.view(torch.int16), bias if bias is not None else y, y, ws, cnt,
-        m, n, n_blocks, raw.stride(0), x.stride(0), y.stride(0),
+        x, w, w.view(torch.int16), bias if bias is not None else y, y, ws, cnt,
+        m, n, n_blocks, w.stride(0), x.stride(0), y.stride(0),
         TYPE=TYPE_IDS[t], QK=qk, BPB=bpb, BLOCKS=blocks, HAS_BIAS=bias is not None, DOT=dot,
         ASM=(1 if x.dtype == torch.bfloat16 else 2) if use_asm else 0, UPCAST=upcast, IEEE=ieee,
         BLOCK_N=bn, BLOCK_M=bm, SPLIT_K=split, GROUP_N=cfg.get("GROUP_N", 1),
@@ -696,32 +435,29 @@ def run_gguf(x: torch.Tensor, w, bias: torch.Tensor | None, kind: str = "gemm", 
 DEQUANT_MIN_M = 128
 
 
-def dequantize_gguf(w, dtype: torch.dtype, device=None) -> torch.Tensor:
-    """The gguf weight [N, K] in `dtype` (each value rounded once from gguf-py's fp32), from a
-    GGUFPrepared or a QuantizedWeight (prepared on `device`, default its own)."""
-    if not isinstance(w, GGUFPrepared):
-        w = prepare_gguf(w, device if device is not None else w.tensors["weight"].device)
-    p = w
-    if p.gtype in REPACKED:
-        return _dequantize_repacked(p, dtype)
-    t, n, k, raw = p.gtype, p.n, p.k, p.raw
+def dequantize_gguf(qw, dtype: torch.dtype) -> torch.Tensor:
+    """The gguf weight [N, K] in `dtype` (each value rounded once from gguf-py's fp32)."""
+    t = gguf_type(qw)
+    n, k = qw.shape
     qk, bpb = BLOCK[t]
-    out = torch.empty(n, k, dtype=dtype, device=raw.device)
+    w = qw.tensors["weight"]
+    w = (w if w.dtype == torch.uint8 else w.view(torch.uint8)).contiguous()
+    out = torch.empty(n, k, dtype=dtype, device=w.device)
     n_blocks = k // qk
     blocks = max(1, min(256 // qk, n_blocks))
     while n_blocks % blocks:
         blocks -= 1
     bn = 32
     _gguf_dequant_kernel[(-(-n // bn), n_blocks // blocks)](
-        raw, raw.view(torch.int16), out, n, raw.stride(0), out.stride(0),
+        w, w.view(torch.int16), out, n, w.stride(0), out.stride(0),
         TYPE=TYPE_IDS[t], QK=qk, BPB=bpb, BLOCKS=blocks, BLOCK_N=bn, num_warps=4)
     return out
 
 
-def run_gguf_dequant_mm(x: torch.Tensor, w, bias: torch.Tensor | None) -> torch.Tensor:
+def run_gguf_dequant_mm(x: torch.Tensor, qw, bias: torch.Tensor | None) -> torch.Tensor:
     """Dequantize (transient copy in x's dtype) then torch's dense matmul: large M."""
-    wd = dequantize_gguf(_prepared(w, x.device), x.dtype)
-    return torch.nn.functional.linear(x, wd, None if bias is None else bias.to(x.dtype))
+    w = dequantize_gguf(qw, x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def check_gguf_problem(scheme, n: int, k: int, act_dtype: torch.dtype) -> str | None:
