@@ -69,6 +69,9 @@ def _register_family(base: type, family: str, module, splitk: str, gemm: str, de
 class _FP4(_TritonFP):
     schemes = tm.FP4_SCHEMES
     layout = tm.FP4
+    # the one-dot-per-K-tile GEMM beats split-K at M = 64 on the H200 (mxfp4: 38-54 us against
+    # 64-96 us, results/h200-2026-11-29b/probe_mx_gemm.txt)
+    splitk_max_m = 32
     tiled, dequant_mm = staticmethod(tm.run_fp4), staticmethod(tm.run_fp4_dequant_mm)
 
     def _check(self, problem):

@@ -774,11 +774,13 @@ SPLITK_MAX_M = 64
 # of the decoded fp4 tile (_tile_k). Starting points for benchmarks/probe_mx_gemm.py to confirm.
 DEFAULTS = {
     "splitk": {"BLOCK_N": 64, "BLOCK_M": 16, "UNITS": 4, "num_warps": 4, "num_stages": 4, "waves": 4.0},
-    "gemm": {"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 128, "ORDER": 1, "num_warps": 8, "num_stages": 3,
+    "gemm": {"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 64, "ORDER": 1, "num_warps": 8, "num_stages": 4,
              "GROUP_N": 8},
     "w8a8_splitk": {"BLOCK_N": 64, "BLOCK_M": 16, "GPI": 8, "num_warps": 4, "num_stages": 3, "waves": 2.0},
 }
-_SMALL_GEMM = {"BLOCK_N": 128, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3, "waves": 2.0, "GROUP_N": 1}
+# H200 sweep (results/h200-2026-11-29b/probe_mx_gemm.txt): BK 128 / 4 stages best in 4 of 5 M=64
+# cells; BK 64 / 4 stages best at M=512 on 8192x8192 and 12288x3072
+_SMALL_GEMM = {"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4, "waves": 2.0, "GROUP_N": 1}
 BY_M = {
     ("splitk", 32): {"BLOCK_M": 32}, ("splitk", 64): {"BLOCK_M": 64},
     ("w8a8_splitk", 32): {"BLOCK_M": 32}, ("w8a8_splitk", 64): {"BLOCK_M": 64},
