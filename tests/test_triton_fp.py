@@ -27,6 +27,10 @@ pytestmark = pytest.mark.skipif(
            "tests/test_gpu_fp.py runs the same kernels compiled")
 
 TOL = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -9, torch.float32: 1e-5}
+# Triton 3.9's interpreter casts fp32 -> bf16 by truncation, not round-to-nearest (1 + 2^-8 + 2^-10
+# becomes 1.0): a decoded weight can lose up to 2 bf16 ulps (a scale cast, then the product) and
+# the output one more, all in one direction, so bf16 gets twice the compiled bound here
+TOL_INTERPRETED_BF16 = 2.0 ** -6
 DTYPES = st.sampled_from([torch.bfloat16, torch.float16, torch.float32])
 
 
@@ -40,7 +44,8 @@ def assert_close_to_reference(y, ref, x, w_deq, dtype, what, bias=None):
     yf, rf = y.float(), ref.float()
     same_nan = torch.isnan(yf) == torch.isnan(rf)
     assert same_nan.all(), f"{what}: NaN placement differs"
-    ok = torch.isnan(rf) | ((yf - rf).abs() <= TOL[dtype] * mag + 1e-30)
+    tol = TOL_INTERPRETED_BF16 if dtype == torch.bfloat16 and tm.interpreting() else TOL[dtype]
+    ok = torch.isnan(rf) | ((yf - rf).abs() <= tol * mag + 1e-30)
     bad = (~ok).nonzero()
     assert ok.all(), (f"{what}: {len(bad)} outputs off, first at {bad[0].tolist()}: "
                       f"got {yf[tuple(bad[0])].item()} want {rf[tuple(bad[0])].item()}")
@@ -72,11 +77,12 @@ def check_kernel(kernel, qw, x, bias, dtype, what):
 def problems(draw, k_choices, max_m=40):
     n = draw(st.integers(16, 72))
     k = draw(st.sampled_from(k_choices))
-    m = draw(st.integers(1, max_m))
+    kernel = draw(st.sampled_from(["splitk", "gemm"]))
+    m = draw(st.integers(1, max_m if kernel == "gemm" else min(max_m, 32)))   # split-K serves M <= 32
     three_d = draw(st.booleans()) and m > 1
     return {"n": n, "k": k, "m": m, "shape": (2, (m + 1) // 2, k) if three_d else (m, k),
             "dtype": draw(DTYPES), "bias": draw(st.booleans()), "seed": draw(st.integers(0, 2**16)),
-            "kernel": draw(st.sampled_from(["splitk", "gemm"]))}
+            "kernel": kernel}
 
 
 FP4_CASES = [
