@@ -281,7 +281,7 @@ def unsupported(p) -> str | None:
     w = p.weight
     if w.dim() != 2 or w.stride(1) != 1 or w.stride(0) != p.k or w.data_ptr() % 16:
         return "weight rows must be contiguous and 16-byte aligned"
-    if p.scales.shape[0] < -(-p.k // 32) or p.scales.stride(1) != 1 or p.scales.stride(0) != p.n:
+    if p.scales.shape[0] < -(-p.k // 32) or not p.scales.is_contiguous():   # (strides of size-1 dims are free)
         return f"scales must be contiguous [G >= {-(-p.k // 32)}, N={p.n}]"
     return None
 

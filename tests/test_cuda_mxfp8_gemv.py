@@ -194,3 +194,11 @@ def test_prepared_forms_it_refuses_say_why():
     with pytest.raises(Exception, match="M=17"):
         p = tm.prepare_mxfp8(sch.quantize(_weight(16, 96, 0, 1)), CPU)
         mx8.run(torch.zeros(17, 96, dtype=torch.bfloat16), p, None)
+
+
+def test_a_one_row_weight_is_accepted():
+    # N = 1: the [G, 1] scale tensor's row stride is free (torch reports e.g. (1, 2)); the kernel
+    # indexes scales[g * N + r], which is right for it (found by the GPU property test)
+    for k in (16, 48, 1024):
+        p = tm.prepare_mxfp8(omniq.get_scheme("mxfp8").quantize(torch.randn(1, k)), CPU)
+        assert mx8.unsupported(p) is None
