@@ -270,3 +270,42 @@ def test_prepared_layout_drops_the_checkpoint_copy(toy):
     assert p.layout == "test.toy.transposed"
     assert p.qw.tensors == {}  # metadata only: the transposed copy is the layer's one weight
     assert p.nbytes <= 1.05 * toy.nominal_nbytes(24, 40)
+
+
+def test_time_kernel_rotates_over_weight_copies():
+    """A list of prepared copies is timed round-robin (every copy, every rep), the time per call."""
+    seen = []
+
+    class Counting:
+        def run(self, x, prepared, bias):
+            seen.append(id(prepared))
+            return x
+
+    copies = [object(), object(), object()]
+    t = select.time_kernel(Counting(), torch.zeros(1, 4), copies, reps=4, warmup=1)
+    assert t >= 0 and len(seen) == 3 * (1 + 4)
+    assert [seen.count(id(c)) for c in copies] == [5, 5, 5]
+
+
+def test_rotation_copies_and_prepared_bytes():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Prep:
+        a: torch.Tensor
+        b: torch.Tensor
+        n: int = 3
+
+    assert select.prepared_nbytes(Prep(torch.zeros(4, 8), torch.zeros(2, dtype=torch.int8))) == 4 * 8 * 4 + 2
+    assert select.prepared_nbytes(torch.zeros(5, dtype=torch.float16)) == 10
+    assert select.rotation_copies(1 << 20, torch.device("cpu")) == 1   # no L2 to escape off CUDA
+
+
+def test_tune_cli_writes_a_table_on_cpu(tmp_path):
+    out = tmp_path / "t.json"
+    r = subprocess.run([sys.executable, "-m", "omniq", "tune", "--device", "cpu", "--schemes", "int8",
+                        "--shapes", "32x64", "--m", "1,4", "--output", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    entries = json.loads(out.read_text())["entries"]
+    assert len(entries) == 2 and all(e["kernel"] in e["times_us"] for e in entries.values())

@@ -136,32 +136,56 @@ def choose(problem: Problem, layout: str | None = None, prepared_for: dict | Non
 
 
 def time_kernel(kernel: Kernel, x: torch.Tensor, prepared, reps: int = 10, warmup: int = 2) -> float:
-    """Median time of kernel.run in microseconds. CUDA: GPU time per call from replays of a CUDA
-    graph of several calls (host launch cost excluded: it differs between Python launchers, not
-    between kernels under graphs), eager CUDA events if the kernel cannot be captured."""
+    """Median time of kernel.run in microseconds. `prepared` is one prepared weight or a list of
+    copies the calls rotate over (so that a weight smaller than L2 is timed as it streams from
+    memory, as in a model, not L2-hot). CUDA: GPU time per call from replays of a CUDA graph of
+    several calls (host launch cost excluded: it differs between Python launchers, not between
+    kernels under graphs), eager CUDA events if the kernel cannot be captured."""
+    preps = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+    fns = [lambda p=p: kernel.run(x, p, None) for p in preps]
     for _ in range(warmup):
-        kernel.run(x, prepared, None)
+        for f in fns:
+            f()
     samples = []
     if x.device.type == "cuda":
-        graph = capture_graph([lambda: kernel.run(x, prepared, None)], x.device, rounds=8)
-        inner = 8 if graph is not None else 1
+        rounds = max(1, 8 // len(fns))
+        graph = capture_graph(fns, x.device, rounds=rounds)
+        calls = rounds * len(fns) if graph is not None else len(fns)
         for _ in range(reps):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             if graph is not None:
                 graph.replay()
             else:
-                kernel.run(x, prepared, None)
+                for f in fns:
+                    f()
             e.record()
             e.synchronize()
-            samples.append(s.elapsed_time(e) * 1e3 / inner)
+            samples.append(s.elapsed_time(e) * 1e3 / calls)
     else:
         for _ in range(reps):
             t0 = time.perf_counter()
-            kernel.run(x, prepared, None)
-            samples.append((time.perf_counter() - t0) * 1e6)
+            for f in fns:
+                f()
+            samples.append((time.perf_counter() - t0) * 1e6 / len(fns))
     samples.sort()
     return samples[len(samples) // 2]
+
+
+def prepared_nbytes(prepared) -> int:
+    """Bytes of the tensors a prepared weight holds (its dataclass fields, or itself)."""
+    if isinstance(prepared, torch.Tensor):
+        return prepared.numel() * prepared.element_size()
+    fields = vars(prepared).values() if hasattr(prepared, "__dict__") else ()
+    return sum(t.numel() * t.element_size() for t in fields if isinstance(t, torch.Tensor))
+
+
+def rotation_copies(nbytes: int, device: torch.device, cap: int = 8) -> int:
+    """Weight copies that together exceed 3x the L2 cache (1 off CUDA), at most `cap`."""
+    if device.type != "cuda" or nbytes <= 0:
+        return 1
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(1, min(cap, -(-3 * l2 // nbytes)))
 
 
 def capture_graph(fns, device: torch.device, rounds: int = 1):
@@ -193,7 +217,9 @@ def capture_graph(fns, device: torch.device, rounds: int = 1):
 
 
 def trial(problem: Problem, cands: list[Kernel], prepared_for: dict, save: bool = True) -> dict[str, float]:
-    """Time each candidate on a random activation of the problem's M bucket; record the result."""
+    """Time each candidate on a random activation of the problem's M bucket; record the result.
+    prepared_for maps a layout name to its prepared weight, or to a list of copies to rotate over
+    (time_kernel)."""
     x = torch.randn(problem.bucket, problem.k, device=problem.device, dtype=problem.act_dtype)
     times = {}
     for c in cands:
