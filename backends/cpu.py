@@ -364,19 +364,21 @@ class Int8Fbgemm(_Int8W8A8):
 INT8PACK_K_MULTIPLE = 16
 
 
-@register_kernel
-class Int8WeightOnly(_Int8):
-    """int8 weight-only: torch._weight_int8pack_mm(x, W_q, scale). Runs in bf16 for fp32 inputs
-    (the op's fp32 path is ~20x slower than its bf16 one on AVX-512 CPUs)."""
-    name = "cpu.int8.int8pack"
-    priority = 30
-    aten_ops = ("_weight_int8pack_mm",)
-
+class _Int8WeightOnly(_Int8):
     def serves(self, scheme):
         why = super().serves(scheme)
         if why is None and scheme.activation_quantized:
             why = "quantized activations run on cpu.int8.fbgemm or cpu.int8.int_mm"
         return why
+
+
+@register_kernel
+class Int8WeightOnly(_Int8WeightOnly):
+    """int8 weight-only: torch._weight_int8pack_mm(x, W_q, scale). Runs in bf16 for fp32 inputs
+    (the op's fp32 path is ~20x slower than its bf16 one on AVX-512 CPUs)."""
+    name = "cpu.int8.int8pack"
+    priority = 30
+    aten_ops = ("_weight_int8pack_mm",)
 
     def can_implement(self, pr):
         why = super().can_implement(pr)
@@ -401,18 +403,12 @@ INT4_DEQUANT_MIN_M = 512
 
 
 @register_kernel
-class Int8WeightOnlyDequant(_Int8):
+class Int8WeightOnlyDequant(_Int8WeightOnly):
     """int8 weight-only for large M: W_q -> bf16 times the channel scale, then one bf16 matmul.
     The dequantized weight lives for the call only; _weight_int8pack_mm runs the weight through
     fp32 FMAs, which for large M costs more than the dequantization does."""
     name = "cpu.int8.dequant_mm"
     priority = 32
-
-    def serves(self, scheme):
-        why = super().serves(scheme)
-        if why is None and scheme.activation_quantized:
-            why = "quantized activations run on cpu.int8.fbgemm or cpu.int8.int_mm"
-        return why
 
     def can_implement(self, pr):
         why = super().can_implement(pr)

@@ -21,20 +21,14 @@ from omniq.dispatch import Kernel, Layout, register_kernel
 from omniq.errors import KernelError, where
 from omniq.kernels import cuda_affine_mma as affine_mma
 from omniq.kernels import triton_affine as affine
-from omniq.kernels.nvrtc import nvrtc_reason
+from omniq.kernels.nvrtc import cuda_device_reason, nvrtc_reason
 from omniq.kernels import triton_w8a8 as w8a8
 
 _HALF = (torch.float16, torch.bfloat16)
 
 
 def cuda_reason(device: torch.device) -> str | None:
-    if device.type != "cuda":
-        return f"needs a CUDA device, not {device.type}"
-    if not torch.cuda.is_available():
-        return "torch has no CUDA runtime here"
-    if torch.version.hip is not None:
-        return "ROCm: these cuBLASLt / tinygemm paths are not wired for HIP"
-    return None
+    return cuda_device_reason(device, "these cuBLASLt / tinygemm paths are not wired for HIP")
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
@@ -173,15 +167,18 @@ class NvrtcCudaKernel(Kernel):
                        f"({self.capability_why}); this GPU is {cap[0]}.{cap[1]}")
         return why
 
+    max_m = 16   # decode-size M; the GEMM kernels serve larger M
 
-def half_activation_reason(pr) -> str | None:
-    """The NVRTC kernels take bf16 / fp16 activations (the MMA's input types) and write y in
-    the same dtype."""
-    if pr.act_dtype not in _HALF:
-        return f"activations must be bf16 or fp16 (the MMA's input types), not {pr.act_dtype}"
-    if getattr(pr, "out_dtype", None) not in (None, pr.act_dtype):
-        return f"writes y in the activation dtype ({pr.act_dtype}), not {pr.out_dtype}"
-    return None
+    def decode_reason(self, pr) -> str | None:
+        """What every NVRTC GEMV checks: decode-size M, and bf16 / fp16 activations (the MMA's
+        input types) with y written in the same dtype."""
+        if pr.m > self.max_m:
+            return f"M={pr.m} > {self.max_m}: {self.name} is for decode-size M; the GEMM kernels serve larger M"
+        if pr.act_dtype not in _HALF:
+            return f"activations must be bf16 or fp16 (the MMA's input types), not {pr.act_dtype}"
+        if getattr(pr, "out_dtype", None) not in (None, pr.act_dtype):
+            return f"writes y in the activation dtype ({pr.act_dtype}), not {pr.out_dtype}"
+        return None
 
 
 @register_kernel
@@ -189,6 +186,7 @@ class AffineMmaGemv(NvrtcCudaKernel):
     """4-bit GPTQ / AWQ / AutoRound at M <= 16: lop3 dequantization straight into mma.sync
     fragments, split-K over CTAs (kernels/cuda_affine_mma.py)."""
     name = "cuda.affine.mma_gemv"
+    max_m = affine_mma.MAX_M
     schemes = ("gptq", "awq")
     priority = 30
     layout = affine.LAYOUT
@@ -200,9 +198,7 @@ class AffineMmaGemv(NvrtcCudaKernel):
         g = getattr(sch, "group_size", -1)
         if g != -1 and g % 128:
             return f"group_size={g}: needs -1 or a multiple of 128 (one scale per 128-wide K block)"
-        if pr.m > affine_mma.MAX_M:
-            return f"M={pr.m} > {affine_mma.MAX_M}: use the GEMM kernels"
-        return half_activation_reason(pr)
+        return self.decode_reason(pr)
 
     def run(self, x, p, bias):
         return affine_mma.run(x, p, bias)

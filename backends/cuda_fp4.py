@@ -5,7 +5,7 @@ kernels per M with one weight copy.
 """
 from __future__ import annotations
 
-from omniq.backends.cuda import NvrtcCudaKernel, half_activation_reason
+from omniq.backends.cuda import NvrtcCudaKernel
 from omniq.dispatch import register_kernel
 from omniq.kernels import cuda_fp4_mma as fp4
 from omniq.kernels import triton_mx as tm
@@ -18,6 +18,7 @@ class CudaFP4MmaGemv(NvrtcCudaKernel):
     schemes = ("mxfp4", "nvfp4")
     priority = 30           # above triton.fp4.splitk for M <= 16
     layout = tm.FP4
+    max_m = fp4.MAX_M
 
     def can_implement(self, pr):
         sch = pr.scheme
@@ -26,9 +27,7 @@ class CudaFP4MmaGemv(NvrtcCudaKernel):
         if getattr(sch, "activation", None) is not None:
             return f"activation={sch.activation!r}: cuda.fp4.mma_gemv is weight-only (activation=None); " \
                    f"quantized activations run on triton.fp4"
-        if pr.m > fp4.MAX_M:
-            return f"M={pr.m} > {fp4.MAX_M}: cuda.fp4.mma_gemv is for decode-size M; the fp4 GEMMs serve larger M"
-        why = half_activation_reason(pr)
+        why = self.decode_reason(pr)
         if why:
             return why
         why = tm.check_fp4_problem(sch, pr.n, pr.k, pr.act_dtype)

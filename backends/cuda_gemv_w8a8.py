@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from omniq.backends.cuda import NvrtcCudaKernel, half_activation_reason
+from omniq.backends.cuda import NvrtcCudaKernel
 from omniq.dispatch import register_kernel
 from omniq.kernels import cuda_w8a8_gemv as gemv
 from omniq.kernels import triton_w8a8 as w8a8
@@ -30,6 +30,7 @@ class CudaW8A8Gemv(NvrtcCudaKernel):
     schemes = ("fp8", "int8")
     priority = 30           # above triton.w8a8.splitk (20) and the cuBLASLt kernels (15) for M <= 16
     layout = w8a8.LAYOUT
+    max_m = gemv.MAX_M
 
     def can_implement(self, pr):
         sch = pr.scheme
@@ -41,9 +42,7 @@ class CudaW8A8Gemv(NvrtcCudaKernel):
             return "128x128 block weight scales run on triton.w8a8 (cuda.w8a8.gemv takes per-channel / per-tensor)"
         if sch.name == "int8" and not sch.act_symmetric:
             return "asymmetric int8 activations (zero points) run on triton.w8a8 / cuda.int8.int_mm"
-        if pr.m > gemv.MAX_M:
-            return f"M={pr.m} > {gemv.MAX_M}: cuda.w8a8.gemv is for decode-size M; the GEMMs serve larger M"
-        why = half_activation_reason(pr)
+        why = self.decode_reason(pr)
         if why:
             return why
         if pr.k % gemv.K_ALIGN:

@@ -4,7 +4,7 @@ layer switches between it and the Triton mxfp8 kernels per M with one weight cop
 """
 from __future__ import annotations
 
-from omniq.backends.cuda import NvrtcCudaKernel, half_activation_reason
+from omniq.backends.cuda import NvrtcCudaKernel
 from omniq.dispatch import register_kernel
 from omniq.kernels import cuda_mxfp8_gemv as mx8
 from omniq.kernels import triton_mx as tm
@@ -18,14 +18,13 @@ class CudaMXFP8Gemv(NvrtcCudaKernel):
     schemes = ("mxfp8",)
     priority = 30           # above triton.mxfp8.splitk (20) for M <= 16
     layout = tm.MXFP8
+    max_m = mx8.MAX_M
 
     def can_implement(self, pr):
         sch = pr.scheme
         if sch.name not in self.schemes:
             return f"{sch.name}: cuda.mxfp8.gemv serves mxfp8 only"
-        if pr.m > mx8.MAX_M:
-            return f"M={pr.m} > {mx8.MAX_M}: cuda.mxfp8.gemv is for decode-size M; the mxfp8 GEMMs serve larger M"
-        why = half_activation_reason(pr) or mx8.activation_reason(sch, pr.act_dtype)
+        why = self.decode_reason(pr) or mx8.activation_reason(sch, pr.act_dtype)
         if why:
             return why
         if pr.k % 16:

@@ -12,10 +12,10 @@ probe_int.py. One line per (scheme, shape, M, config):
   q:triton q:cuda the activation quantizer alone (Triton, one CTA per row / CUDA, several per row)
   kernel          the GEMV alone on an already quantized activation (plain launch)
   tri             the previous whole call: Triton quantizer, plain GEMV launch
-  tri+pdl         Triton quantizer, GEMV launched with PDL (starts when the quantizer's CTAs exit)
-  cuda            CUDA quantizer, plain GEMV launch
-  cuda+pdl/P      CUDA quantizer (lets dependents launch at once), PDL GEMV, P weight rounds
-                  prefetched to L2 before griddepcontrol.wait
+  tri+pdl         asks for PDL behind the Triton quantizer: run_gemv launches plainly there (the
+                  Triton kernel sends no early trigger, so PDL gained nothing when measured)
+  cuda            CUDA quantizer (int8 only; fp8 falls back to Triton), plain GEMV launch
+  cuda+pdl        CUDA quantizer (lets dependents launch at once), PDL GEMV
   default         omniq.linear with the kernel pinned (what the dispatcher runs)
 'err' is max|y - ref| / max|ref| against scheme.matmul (fp32 on the GPU: quantize_activation of the
 scheme, dequantized weight).
@@ -35,10 +35,8 @@ from probe_int import bench, copies_for  # noqa: E402
 
 SHAPES = [(8192, 8192), (12288, 3072), (3072, 12288)]
 DEV = torch.device("cuda")
-CONFIGS = [("tri", dict(pdl=False, quant="triton")), ("tri+pdl", dict(pdl=True, quant="triton", PREFETCH=0)),
-           ("cuda", dict(pdl=False, quant="cuda")), ("cuda+pdl/0", dict(pdl=True, quant="cuda", PREFETCH=0)),
-           ("cuda+pdl/2", dict(pdl=True, quant="cuda", PREFETCH=2)),
-           ("cuda+pdl/4", dict(pdl=True, quant="cuda", PREFETCH=4))]
+CONFIGS = [("tri", dict(pdl=False, quant="triton")), ("tri+pdl", dict(pdl=True, quant="triton")),
+           ("cuda", dict(pdl=False, quant="cuda")), ("cuda+pdl", dict(pdl=True, quant="cuda"))]
 
 
 def _setup(name, n, k, copies=None):

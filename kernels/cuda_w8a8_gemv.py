@@ -4,15 +4,16 @@ time with NVRTC (omniq.kernels.nvrtc), over the "triton.w8a8.v1" layout.
 The activation is quantized first (bit-exact with the schemes' `quantize_activation`); this kernel
 then computes y[m, n] = s_x[m] * s_w[n] * sum_k q[m, k] W[n, k] (+ bias) in x's dtype.
 
-Hiding the quantizer (cfg 'quant', 'pdl', 'PREFETCH'). The quantizer's time (2-6 us at decode M on
-an H200, against a 13-20 us GEMV) is mostly latency: a launch, one pass over a short row, a block
-reduction. Two things take it off the critical path:
+Hiding the quantizer (cfg 'quant', 'pdl'). The quantizer's time (2-6 us at decode M on an H200,
+against a 13-20 us GEMV) is mostly latency: a launch, one pass over a short row, a block
+reduction. For int8 two things take it off the critical path:
   * QUANT_SOURCE, a CUDA quantizer with several CTAs per row (each reads the whole row for the
     amax, from L2 after the first, and casts only its share of 16-byte vectors: no CTA waits on
-    another), which executes `griddepcontrol.launch_dependents` first thing;
+    another), which executes `griddepcontrol.launch_dependents` first thing (int8 only: see
+    quantize_cuda for why fp8 keeps the Triton quantizer);
   * the GEMV launched with Programmatic Dependent Launch (omniq.kernels.nvrtc, `pdl=True`): its
-    CTAs start while the quantizer runs, issue their first round of weight loads (and send the
-    next PREFETCH rounds to L2), then `griddepcontrol.wait` until the quantizer grid has finished
+    CTAs start while the quantizer runs, issue their first round of weight loads, then
+    `griddepcontrol.wait` until the quantizer grid has finished
     and its writes are visible, and only then read the codes and scales. Every write of the GEMV
     (partials, counters, y) comes after the wait, so the result is bitwise the same as with a
     plain launch, and the split-K counters shared per stream are never touched early. The Triton
@@ -78,8 +79,7 @@ FP8_F16, FP8_NATIVE = 0, 2   # FP8_MODE: e4m3 -> f16 (exact cvt) + f16 MMA, or t
 CUDA_SOURCE = r"""
 // omniq W8A8 GEMV for M <= 16 (see omniq/kernels/cuda_w8a8_gemv.py for the layout argument).
 // Defines: IS_FP8, FP8_MODE (0: cvt to f16 + f16 MMA, 2: e4m3 MMA), MT (1: M <= 8, 2: M <= 16),
-// OUT_KIND (0 fp16, 1 bf16, 2 fp32), WN, WK, UNROLL, MINB, PREFETCH (weight rounds sent to L2
-// before griddepcontrol.wait; 0: none).
+// OUT_KIND (0 fp16, 1 bf16, 2 fp32), WN, WK, UNROLL, MINB.
 typedef unsigned int u32;
 typedef unsigned short u16;
 struct U4 { u32 x, y, z, w; };
@@ -120,10 +120,6 @@ __device__ __forceinline__ U4 ld_act(const unsigned char* p, int ok) {
                  " @p ld.global.ca.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "r"(ok) : "memory");
     return r;
-}
-
-__device__ __forceinline__ void prefetch_l2(const unsigned char* p) {
-    asm volatile("prefetch.global.L2::evict_normal [%0];\n" :: "l"(p));
 }
 
 // Programmatic Dependent Launch: under a PDL launch this CTA may run before the previous kernel
@@ -274,24 +270,6 @@ __device__ __forceinline__ void load_w(Frag& f, int s, int s_end, int K, int kt,
     }
 }
 
-// the first round, then the next PREFETCH rounds sent to L2 while the CTA waits for the quantizer
-__device__ __forceinline__ void load_w_first(Frag& f, int s, int s_end, int K, int kt, const unsigned char* wa,
-                                             const unsigned char* wb) {
-    load_w<true>(f, s, s_end, K, kt, wa, wb);
-#if PREFETCH
-#pragma unroll
-    for (int r = 1; r <= PREFETCH; ++r)
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int ss = s + r * STRIDE + u;
-            if (ss < s_end && ss * STEP + kt < K) {
-                prefetch_l2(wa + (long long)ss * STEP);
-                prefetch_l2(wb + (long long)ss * STEP);
-            }
-        }
-#endif
-}
-
 __device__ __forceinline__ void load_x(Frag& f, int s, int s_end, int K, int kt, const unsigned char* xa,
                                        const unsigned char* xb) {
 #pragma unroll
@@ -342,7 +320,7 @@ w8a8_gemv(const unsigned char* __restrict__ W, unsigned char* Xq,
 
     Frag cur, nxt;
     int s = s_begin + wk * UNROLL;
-    load_w_first(cur, s, s_end, K, kt, wa, wb);   // the weight stream starts first (it needs no quantizer)
+    load_w<true>(cur, s, s_end, K, kt, wa, wb);   // the weight stream starts first (it needs no quantizer)
     grid_dependency_wait();
 
     acc_t acc[2][MT][4];
@@ -496,12 +474,11 @@ SMEM_LIMIT = 48 * 1024        # static shared memory of one CTA
 # ctas_per_sm sizes the K split (about one resident wave)
 # pdl: launch the GEMV with Programmatic Dependent Launch (sm_90+; elsewhere a plain launch);
 # quant: "cuda" (QUANT_SOURCE: several CTAs per row, lets the PDL GEMV start at once) or "triton"
-# (triton_w8a8's quantizer); PREFETCH: weight rounds sent to L2 before the GEMV waits (PDL only).
-# H200 (benchmarks/results/h200-2026-11-29b/probe_w8a8_pdl.txt): cuda + PDL + PREFETCH 0 is the
-# fastest or within 2 % of it in 17 of 18 cells (fp8 3072x12288 M=1: 19.1 -> 15.2 us); PREFETCH 2-4
-# costs up to 2 us on int8 and on 12288x3072.
+# (triton_w8a8's quantizer). H200 (benchmarks/results/h200-2026-11-29b/probe_w8a8_pdl.txt): cuda + PDL
+# is the fastest or within 2 % of it in 17 of 18 cells (int8 12288x3072 M=1: 14.3 -> 13.9 us);
+# sending 2-4 more weight rounds to L2 before the wait cost up to 2 us, so the GEMV sends none.
 DEFAULT = {"WN": 1, "WK": 4, "UNROLL": 2, "ctas_per_sm": 4, "MINB": 1, "FP8_MODE": FP8_F16,
-           "pdl": True, "quant": "cuda", "PREFETCH": 0}
+           "pdl": True, "quant": "cuda"}
 # (fp8|int8, N, K, MT): measured bests on an H200 (benchmarks/probe_w8a8_gemv.py --sweep, whole call
 # with the activation quantizer; the sweep's timings vary by ~5 % between runs)
 _M16 = {"WN": 2, "WK": 4, "UNROLL": 1, "ctas_per_sm": 2}
@@ -565,7 +542,7 @@ _LOCK = threading.Lock()
 def defines_for(fp8: bool, mt: int, out_dtype: torch.dtype, cfg: dict) -> dict:
     return {"IS_FP8": int(fp8), "FP8_MODE": int(cfg["FP8_MODE"]) if fp8 else 0, "MT": mt,
             "OUT_KIND": OUT_KINDS[out_dtype], "WN": cfg["WN"], "WK": cfg["WK"], "UNROLL": cfg["UNROLL"],
-            "MINB": cfg["MINB"], "PREFETCH": int(cfg.get("PREFETCH", 0)) if cfg.get("pdl") else 0}
+            "MINB": cfg["MINB"]}
 
 
 def quant_defines(x_dtype: torch.dtype, threads: int = QUANT_THREADS) -> dict:

@@ -130,14 +130,23 @@ def pdl_config(grid, block, shared_mem: int, stream: int):
     return cfg, attr
 
 
-def nvrtc_reason(device: torch.device) -> str | None:
-    """Why NVRTC kernels cannot run on `device`, or None when they can."""
+def cuda_device_reason(device: torch.device, rocm_why: str) -> str | None:
+    """Why `device` is not an NVIDIA CUDA device torch can run on (`rocm_why` for ROCm builds),
+    or None: the first check of every omniq CUDA kernel."""
     if device.type != "cuda":
         return f"needs a CUDA device, not {device.type}"
     if not torch.cuda.is_available():
         return "torch has no CUDA runtime here"
     if torch.version.hip is not None:
-        return "ROCm: omniq's NVRTC kernels are written for NVIDIA GPUs"
+        return f"ROCm: {rocm_why}"
+    return None
+
+
+def nvrtc_reason(device: torch.device) -> str | None:
+    """Why NVRTC kernels cannot run on `device`, or None when they can."""
+    why = cuda_device_reason(device, "omniq's NVRTC kernels are written for NVIDIA GPUs")
+    if why:
+        return why
     try:
         from torch.cuda import _utils
         (getattr(_utils, "_get_gpu_rtc_library", None) or getattr(_utils, "_get_nvrtc_library"))()

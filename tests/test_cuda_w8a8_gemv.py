@@ -1,7 +1,7 @@
 """cuda.w8a8.gemv on a CPU: what it accepts and why not (can_implement reasons), the launch
 configuration (every output row and every K step covered exactly once, 16-byte aligned, no
 empty split), the activation quantizer's grid (every 16-byte vector of a row cast by exactly one
-CTA), the compiled-variant defines (PDL / prefetch / quantizer switches), the kernels' argument
+CTA), the compiled-variant defines (PDL / quantizer switches), the kernels' argument
 lists, and that the registry / explain list it without a GPU."""
 from __future__ import annotations
 
@@ -210,15 +210,12 @@ def test_quantizer_signature_matches_the_kernel_parameters():
     assert _params(gemv.QUANT_SOURCE, "w8a8_quant_act") == gemv.QUANT_SIGNATURE
 
 
-def test_pdl_switches_the_prefetch_define_and_defaults_on():
+def test_pdl_defaults_on_and_the_gemv_waits_after_its_first_weight_loads():
     assert gemv.DEFAULT["pdl"] and gemv.DEFAULT["quant"] in gemv.QUANTIZERS
-    on = gemv.defines_for(True, 1, torch.bfloat16, dict(gemv.DEFAULT, pdl=True, PREFETCH=3))
-    off = gemv.defines_for(True, 1, torch.bfloat16, dict(gemv.DEFAULT, pdl=False, PREFETCH=3))
-    assert on["PREFETCH"] == 3 and off["PREFETCH"] == 0, "prefetching only pays while waiting under PDL"
     # the kernel waits on the quantizer after its first weight loads and before any activation load
     src = gemv.CUDA_SOURCE
     body = src[src.index("w8a8_gemv(const"):]
-    first, wait, act = body.index("load_w_first("), body.index("grid_dependency_wait()"), body.index("load_x(")
+    first, wait, act = body.index("load_w<true>("), body.index("grid_dependency_wait()"), body.index("load_x(")
     assert first < wait < act
     assert "griddepcontrol.wait" in src and "griddepcontrol.launch_dependents" in gemv.QUANT_SOURCE
 
@@ -229,9 +226,6 @@ def test_all_variants_cover_pdl_on_off_and_the_quantizers():
     assert names.count("w8a8_quant_act") == 2      # int8 x bf16 / fp16
     gemvs = [k for k in ks if k.name == "w8a8_gemv"]
     assert len({k.key for k in gemvs}) == len(gemvs), "a variant listed twice"
-    # PDL-off variants never prefetch; PDL-on ones use DEFAULT's depth
-    want = {"#define PREFETCH 0", f"#define PREFETCH {gemv.DEFAULT['PREFETCH']}"}
-    assert {ln for k in gemvs for ln in k.source.splitlines() if ln.startswith("#define PREFETCH")} == want
     for k in gemvs:   # every dispatcher-reachable config compiles to one of these
         assert "#define MINB 1" in k.source
 

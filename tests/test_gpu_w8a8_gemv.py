@@ -3,8 +3,8 @@ per-token activations against scheme.matmul on hypothesis-drawn shapes (odd N, K
 64-byte step, every M in 1..16, bf16 / fp16, with and without bias, every launch split), the
 decode shapes of the speed target, each fp8 conversion variant, omniq.linear captured in a
 CUDA graph and replayed; the CUDA activation quantizer bit-exact against the scheme's
-quantize_activation and the Triton quantizer; Programmatic Dependent Launch on / off, each
-quantizer and L2 prefetch depth giving bitwise the same y; and a chain of PDL layers (each
+quantize_activation and the Triton quantizer; Programmatic Dependent Launch on / off and
+each quantizer giving bitwise the same y; and a chain of PDL layers (each
 layer's input the previous layer's output) in a CUDA graph, where a missing wait would race."""
 from __future__ import annotations
 
@@ -163,9 +163,8 @@ def test_cuda_quantizer_takes_strided_rows():
 
 
 # ---- PDL and the quantizer switches ----------------------------------------------------------
-SWITCHES = [dict(pdl=False, quant="triton"), dict(pdl=True, quant="triton", PREFETCH=0),
-            dict(pdl=False, quant="cuda"), dict(pdl=True, quant="cuda", PREFETCH=0),
-            dict(pdl=True, quant="cuda", PREFETCH=2), dict(pdl=True, quant="cuda", PREFETCH=6)]
+SWITCHES = [dict(pdl=False, quant="triton"), dict(pdl=True, quant="triton"),
+            dict(pdl=False, quant="cuda"), dict(pdl=True, quant="cuda")]
 
 
 @pytest.mark.parametrize("key", ["fp8", "int8"])
@@ -193,7 +192,7 @@ def test_pdl_layer_chain_in_a_cuda_graph(key):
     sch = _scheme(key)
     n = k = 2048
     layers = [w8a8.prepare_w8a8(quantized(sch, n, k, 50 + i), GPU) for i in range(6)]
-    cfg_pdl = dict(gemv.DEFAULT, pdl=True, quant="cuda", PREFETCH=4)
+    cfg_pdl = dict(gemv.DEFAULT, pdl=True, quant="cuda")
     cfg_plain = dict(gemv.DEFAULT, pdl=False, quant="triton")
 
     def chain(x, cfg):
