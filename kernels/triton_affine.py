@@ -541,33 +541,46 @@ if triton is not None:
             b = tl.program_id(1) * BLOCKS + bb
             if b < KW // 16:
                 words = tl.load(qw_ptr + rnc[:, None] * KW + (b * 16 + tl.arange(0, 16))[None, :])
-                for i in tl.static_range(PER):
-                    u = _codes_as_float((words >> (i * BITS)) & ((1 << BITS) - 1))
-                    kk = b * PB + i * 16 + tl.arange(0, 16)
-                    ok = kk < K
-                    if SCALE_AT == 0:
-                        if HAS_GIDX:
-                            grp = tl.load(gidx_ptr + kk, mask=ok, other=0)
-                        else:
-                            grp = tl.minimum(kk, K - 1) // G
-                        gp = grp[None, :] * N + rnc[:, None]
-                        sc = tl.load(s_ptr + gp).to(tl.float32)
-                        if ZMODE == 0:
-                            w = (u - ZC) * sc
-                        elif ZMODE == 1:
-                            w = (u - tl.load(z_ptr + gp).to(tl.float32)) * sc
-                        else:
-                            w = u * sc + tl.load(z_ptr + gp).to(tl.float32)
+                # the whole block at once, [BN, slot, word] = K order (k = 16 slot + word), so
+                # each row is stored as one contiguous run of PB values (wide stores)
+                sh = tl.arange(0, PER) * BITS
+                codes = (words[:, None, :] >> sh[None, :, None]) & ((1 << BITS) - 1)
+                u = _codes_as_float(tl.reshape(codes, (BLOCK_N, PB)))
+                kk = b * PB + tl.arange(0, PB)
+                ok = kk < K
+                if SCALE_AT == 2:      # one group for the block
+                    s, z = _group_terms(s_ptr, z_ptr, tl.minimum(b * PB, K - 1) // G, rnc, N, ZMODE)
+                    sc = s[:, None]
+                    zz = z[:, None]
+                elif SCALE_AT == 1:    # one group per 16-wide slot
+                    gp = (tl.minimum(b * PB + tl.arange(0, PER) * 16, K - 1) // G)[None, :] * N + rnc[:, None]
+                    sc = _per_slot(tl.load(s_ptr + gp).to(tl.float32), BLOCK_N, PER, PB)
+                    zz = sc * 0.0
+                    if ZMODE != 0:
+                        zz = _per_slot(tl.load(z_ptr + gp).to(tl.float32), BLOCK_N, PER, PB)
+                else:                  # per element (g_idx, or groups off the 16-wide slots)
+                    if HAS_GIDX:
+                        grp = tl.load(gidx_ptr + kk, mask=ok, other=0)
                     else:
-                        s, z = _group_terms(s_ptr, z_ptr, tl.minimum(b * PB + i * 16, K - 1) // G, rnc, N, ZMODE)
-                        if ZMODE == 0:
-                            w = (u - ZC) * s[:, None]
-                        elif ZMODE == 1:
-                            w = (u - z[:, None]) * s[:, None]
-                        else:
-                            w = u * s[:, None] + z[:, None]
-                    tl.store(w_ptr + rn[:, None] * K + kk[None, :], w.to(w_ptr.dtype.element_ty),
-                             mask=nok[:, None] & ok[None, :])
+                        grp = tl.minimum(kk, K - 1) // G
+                    gp = grp[None, :] * N + rnc[:, None]
+                    sc = tl.load(s_ptr + gp).to(tl.float32)
+                    zz = sc * 0.0
+                    if ZMODE != 0:
+                        zz = tl.load(z_ptr + gp).to(tl.float32)
+                if ZMODE == 0:
+                    w = (u - ZC) * sc
+                elif ZMODE == 1:
+                    w = (u - zz) * sc
+                else:
+                    w = u * sc + zz
+                tl.store(w_ptr + rn[:, None] * K + kk[None, :], w.to(w_ptr.dtype.element_ty),
+                         mask=nok[:, None] & ok[None, :])
+
+    @triton.jit
+    def _per_slot(v, BLOCK_N: tl.constexpr, PER: tl.constexpr, PB: tl.constexpr):
+        """[BN, PER] per-slot values spread over the 16 K of each slot: [BN, PB] in K order."""
+        return tl.reshape(tl.broadcast_to(v[:, :, None], (BLOCK_N, PER, 16)), (BLOCK_N, PB))
 
 
 # --------------------------------------------------------------------------------------------
@@ -580,7 +593,7 @@ DEFAULTS = {
     "splitk": {"BLOCK_N": 128, "BLOCK_M": 16, "num_warps": 4, "num_stages": 3, "GROUP_N": 1, "waves": 2.0,
                "ASM": True},
     "gemm": {"BLOCK_N": 128, "BLOCK_M": 128, "num_warps": 8, "num_stages": 3, "GROUP_N": 8, "SPLIT_K": 1},
-    "dequant": {"BLOCK_N": 64, "BLOCKS": 2, "num_warps": 4},
+    "dequant": {"BLOCK_N": 32, "BLOCKS": 4, "num_warps": 4},   # probe_dequant.txt (h200-2026-11-29c)
 }
 # M bucket refinements of the defaults (applied before TUNED)
 BY_M = {
