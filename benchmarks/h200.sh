@@ -3,6 +3,7 @@
 # peers (omniq's chosen kernel per M, CUDA-graph replay over rotating weight copies).
 # Run from the repository root on a CUDA machine; OUT names the output folder.
 #   STAGES="tests tune bench" (default all), BENCH_S / TEST_S / TUNE_S: time limits (s)
+#   OMNIQ_COMMIT: the commit to record where the tree is not a git checkout (a `git archive`)
 set -u
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
 STAGES=${STAGES:-tune bench tests}
@@ -14,7 +15,7 @@ ln -sfn ../kernels omniq/kernels; ln -sfn ../backends omniq/backends; export PYT
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   python3 -c "import gemlite; print('gemlite', gemlite.__version__)" 2>&1 | tail -1
-  git rev-parse HEAD 2>/dev/null; date -u; } > "$OUT/env.txt"
+  echo "commit ${OMNIQ_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"; date -u; } > "$OUT/env.txt"
 SCHEMES=${SCHEMES:-gptq:bits=4:group_size=128,int8,fp8,mxfp4:activation=None,nvfp4:activation=None,mxfp8,gguf:type=q4_k,gguf:type=q8_0}
 SHAPES=${SHAPES:-8192x8192,12288x3072,3072x12288}
 MS=${BENCH_M:-1,16,64,512,2048}

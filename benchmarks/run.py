@@ -147,14 +147,18 @@ def llc_bytes() -> int:
 
 
 def git_commit() -> str:
+    """HEAD (with -dirty for uncommitted changes), or OMNIQ_COMMIT where the tree is not a git
+    checkout (a `git archive` snapshot on a GPU machine), else "unknown"."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=10).stdout.strip()
+        if not sha:
+            return os.environ.get("OMNIQ_COMMIT") or "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha or "unknown") + ("-dirty" if dirty else "")
+        return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("OMNIQ_COMMIT") or "unknown"
 
 
 class Progress:

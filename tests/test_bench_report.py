@@ -427,3 +427,17 @@ def test_chosen_only_times_one_kernel_per_m_and_writes_md(tmp_path):
     text = md.read_text()
     assert "## Against the issue's targets" in text and "## Peers" in text
     assert "## int8 W8A8 dynamic per-token: `int8`" in text
+
+
+def test_git_commit_falls_back_to_omniq_commit_outside_a_checkout(tmp_path, monkeypatch):
+    """A `git archive` snapshot on a GPU machine has no .git: the commit comes from OMNIQ_COMMIT."""
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.setenv("OMNIQ_COMMIT", "0123abc")
+    assert run.git_commit() == "0123abc"
+    monkeypatch.delenv("OMNIQ_COMMIT")
+    assert run.git_commit() == "unknown"
+    monkeypatch.setattr(run, "ROOT", ROOT)  # the real checkout: its own HEAD, whatever OMNIQ_COMMIT says
+    monkeypatch.setenv("OMNIQ_COMMIT", "0123abc")
+    assert run.git_commit().split("-")[0] == subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
