@@ -74,6 +74,24 @@ def test_layout_vote_keeps_one_layout_that_covers_every_m(toy):
         registry._KERNELS.pop("test.toy.small_t")
 
 
+def test_static_rank_orders_candidates_per_m(toy):
+    """A kernel may rank itself per M (Kernel.static_rank): candidates() and the choice follow."""
+    qw = _weight(toy)
+    fast = registry._KERNELS["test.toy.fast"]
+    slow = registry._KERNELS["test.toy.slow"]
+    with omniq.disable_kernels("test.toy.large_m", "reference"):
+        pr = Problem(toy, 24, 40, 4, torch.float32, torch.device("cpu"))
+        assert [k.name for k in select.candidates(pr)][:2] == ["test.toy.fast", "test.toy.slow"]
+        try:
+            type(fast).static_rank = lambda self, m: self.priority if m <= 2 else slow.priority - 1
+            assert [k.name for k in select.candidates(pr)][:2] == ["test.toy.slow", "test.toy.fast"]
+            p = omniq.prepare(qw, "cpu", torch.float32)
+            assert p.kernel_for(2, torch.float32).name == "test.toy.fast"
+            assert p.kernel_for(4, torch.float32).name == "test.toy.slow"
+        finally:
+            del type(fast).static_rank
+
+
 def test_checkpoint_layout_switches_kernels_by_priority(toy):
     qw = _weight(toy)
     with omniq.disable_kernels("test.toy.large_m"):

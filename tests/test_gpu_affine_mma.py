@@ -91,6 +91,15 @@ def test_launch_config_covers_every_row_and_block(m, n, blocks):
     assert mt * 8 >= m
 
 
+def test_static_order_hands_m_above_8_to_splitk():
+    """Without a measurement, the GEMV leads up to M = 8 and triton.affine.splitk from M = 9 (the
+    H200 table's M = 16 cells)."""
+    from omniq.dispatch import get_kernel
+    mma_k, splitk = get_kernel(KERNEL), get_kernel("triton.affine.splitk")
+    assert all(mma_k.static_rank(m) > splitk.static_rank(m) for m in range(1, 9))
+    assert all(mma_k.static_rank(m) < splitk.static_rank(m) for m in range(9, 17))
+
+
 def test_reasons_on_cpu():
     from omniq.dispatch import Problem, get_kernel
     k = get_kernel(KERNEL)

@@ -72,6 +72,11 @@ class Kernel:
     priority: int = 0            # static order when nothing was measured: higher first
     layout: Layout = CHECKPOINT
 
+    def static_rank(self, m: int) -> int:
+        """The static order at M = m (higher first): `priority`, unless a kernel measured slower
+        than the next one over part of its M range says otherwise."""
+        return self.priority
+
     def serves(self, scheme: QuantScheme) -> str | None:
         """None when this kernel computes `scheme` (name and parameters), else the reason."""
         if "*" in self.schemes or scheme.name in self.schemes:
