@@ -191,10 +191,10 @@ class AffineMmaGemv(NvrtcCudaKernel):
     priority = 30
     layout = affine.LAYOUT
 
-    def static_rank(self, m):
+    def static_rank(self, problem):
         # above M = 8 (two MMA tiles) triton.affine.splitk (20) measured faster on every shape
         # the H200 table holds (M = 16: 1.05-1.36x; benchmarks/results/h200-2026-11-29c)
-        return self.priority if m <= 8 else 19
+        return self.priority if problem.m <= 8 else 19
 
     def can_implement(self, pr):
         sch = pr.scheme

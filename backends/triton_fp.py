@@ -85,6 +85,19 @@ FP4SplitK, FP4Gemm, FP4DequantMM = _register_family(
     dequant_mm="MXFP4 / NVFP4 / dualscale for large M: dequantize (one Triton pass, transient) + cuBLAS.")
 
 
+def _fp4_gemm_rank(self, problem):
+    # weight-only MXFP4 at 8 < M <= 64: the GEMM measured fastest on every shape of the H200
+    # table (M = 16: 1.35-1.54x over cuda.fp4.mma_gemv, which keeps M <= 8 and NVFP4, where it
+    # won; benchmarks/results/h200-2026-11-29c), so it ranks above the GEMV (30) there
+    sch = problem.scheme
+    if sch.name == "mxfp4" and getattr(sch, "activation", None) is None and 8 < problem.m <= 64:
+        return 31
+    return self.priority
+
+
+FP4Gemm.static_rank = _fp4_gemm_rank
+
+
 class _MXFP8(_TritonFP):
     schemes = ("mxfp8",)
     layout = tm.MXFP8

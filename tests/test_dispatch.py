@@ -83,7 +83,7 @@ def test_static_rank_orders_candidates_per_m(toy):
         pr = Problem(toy, 24, 40, 4, torch.float32, torch.device("cpu"))
         assert [k.name for k in select.candidates(pr)][:2] == ["test.toy.fast", "test.toy.slow"]
         try:
-            type(fast).static_rank = lambda self, m: self.priority if m <= 2 else slow.priority - 1
+            type(fast).static_rank = lambda self, pr: self.priority if pr.m <= 2 else slow.priority - 1
             assert [k.name for k in select.candidates(pr)][:2] == ["test.toy.slow", "test.toy.fast"]
             p = omniq.prepare(qw, "cpu", torch.float32)
             assert p.kernel_for(2, torch.float32).name == "test.toy.fast"

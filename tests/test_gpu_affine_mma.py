@@ -94,10 +94,14 @@ def test_launch_config_covers_every_row_and_block(m, n, blocks):
 def test_static_order_hands_m_above_8_to_splitk():
     """Without a measurement, the GEMV leads up to M = 8 and triton.affine.splitk from M = 9 (the
     H200 table's M = 16 cells)."""
-    from omniq.dispatch import get_kernel
+    from omniq.dispatch import Problem, get_kernel
     mma_k, splitk = get_kernel(KERNEL), get_kernel("triton.affine.splitk")
-    assert all(mma_k.static_rank(m) > splitk.static_rank(m) for m in range(1, 9))
-    assert all(mma_k.static_rank(m) < splitk.static_rank(m) for m in range(9, 17))
+    sch = omniq.get_scheme("gptq", bits=4, group_size=128)
+
+    def pr(m):
+        return Problem(sch, 4096, 4096, m, torch.bfloat16, GPU)
+    assert all(mma_k.static_rank(pr(m)) > splitk.static_rank(pr(m)) for m in range(1, 9))
+    assert all(mma_k.static_rank(pr(m)) < splitk.static_rank(pr(m)) for m in range(9, 17))
 
 
 def test_reasons_on_cpu():

@@ -249,6 +249,24 @@ def test_reasons_on_cpu():
     assert "mxfp4_dualscale" in k.serves(omniq.get_scheme("mxfp4_dualscale"))
 
 
+def test_static_order_between_the_gemv_and_the_triton_gemm():
+    """Without a measurement: weight-only MXFP4 at 8 < M <= 64 goes to triton.fp4.gemm (fastest on
+    every H200 table shape at M = 16); the GEMV keeps M <= 8 and NVFP4; split-K stays below both."""
+    from omniq.dispatch import Problem, get_kernel
+    gemv, gemm, splitk = (get_kernel(n) for n in (KERNEL, "triton.fp4.gemm", "triton.fp4.splitk"))
+
+    def order(name, m, **params):
+        pr = Problem(omniq.get_scheme(name, **params), 4096, 4096, m, torch.bfloat16, GPU)
+        return sorted((gemv, gemm, splitk), key=lambda k: -k.static_rank(pr))[0].name
+
+    assert [order("mxfp4", m, activation=None) for m in (1, 8, 9, 16, 32, 64)] == \
+        [KERNEL, KERNEL, "triton.fp4.gemm", "triton.fp4.gemm", "triton.fp4.gemm", "triton.fp4.gemm"]
+    assert [order("nvfp4", m, activation=None) for m in (1, 16)] == [KERNEL, KERNEL]
+    assert order("mxfp4", 16, activation="mxfp8") == KERNEL   # ranks only: validity is can_implement's
+    assert gemm.static_rank(Problem(omniq.get_scheme("mxfp4", activation=None), 64, 64, 128,
+                                    torch.bfloat16, GPU)) == gemm.priority
+
+
 def test_prepared_forms_it_refuses_say_why():
     qw = _scheme("mxfp4").quantize(_weight(16, 128, 0, 1))
     p = tm.prepare_fp4(qw, "cpu")

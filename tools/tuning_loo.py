@@ -18,10 +18,13 @@ only within its one layout.
 
 On the shipped H200 table (2026-11-29), static priority had a mean regret of 1.037 and picked
 the fastest kernel in 89 of 111 entries. Borrowing the nearest entry's ranking did worse, at
-1.055-1.059 and 84-85 entries, with every `--within`. So the dispatcher does not borrow. With
-cuda.affine.mma_gemv ranked below triton.affine.splitk above M = 8 (the table's M = 16 cells),
-static priority's mean regret is 1.031, with the fastest kernel in 92 entries. That figure is
-in-sample: the rule was read off those same cells.
+1.055-1.059 and 84-85 entries, with every `--within`. So the dispatcher does not borrow.
+
+Two kernels then ranked themselves per problem, both read off the table's M = 16 cells:
+- cuda.affine.mma_gemv yields to triton.affine.splitk above M = 8;
+- triton.fp4.gemm leads weight-only MXFP4 at 8 < M <= 64.
+With those, static priority's mean regret is 1.019, with the fastest kernel in 95 entries.
+That figure is in-sample.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import json
 import math
 import statistics
 import sys
+import types
 
 import omniq  # noqa: F401 - registers the kernels
 from omniq.dispatch import get_kernel, tuning
@@ -40,6 +44,15 @@ def split_key(key: str) -> tuple[str, int, int, int, str]:
     """(scheme key, n, k, m bucket, dtype) of a tuning-table key (Problem.key())."""
     scheme, n, k, m, dtype = key.rsplit("|", 4)
     return scheme, int(n[2:]), int(k[2:]), int(m[2:]), dtype
+
+
+def _problem_view(scheme_key: str, m: int):
+    """What static_rank reads of a Problem (M, the scheme's name and parameters), rebuilt from
+    a table key's scheme part, e.g. "mxfp4(activation=None,scale_rule=floor)"."""
+    name, _, params = scheme_key.partition("(")
+    fields = dict(p.split("=", 1) for p in params.rstrip(")").split(",") if "=" in p)
+    scheme = types.SimpleNamespace(name=name, **{k: (None if v == "None" else v) for k, v in fields.items()})
+    return types.SimpleNamespace(m=m, scheme=scheme)
 
 
 def layout_of(name: str) -> str | None:
@@ -82,8 +95,9 @@ def main() -> int:
             if len(times) < 2:
                 continue
             best = min(times.values())
-            m = split_key(key)[3]
-            static = max(times, key=lambda k: (get_kernel(k).static_rank(m), k))
+            scheme, _, _, m, _ = split_key(key)
+            pr = _problem_view(scheme, m)
+            static = max(times, key=lambda k: (get_kernel(k).static_rank(pr), k))
             near = nearest(key, keys, args.within)
             ranking = entries[near]["times_us"] if near else {}
             known = [k for k in times if k in ranking]

@@ -72,9 +72,10 @@ class Kernel:
     priority: int = 0            # static order when nothing was measured: higher first
     layout: Layout = CHECKPOINT
 
-    def static_rank(self, m: int) -> int:
-        """The static order at M = m (higher first): `priority`, unless a kernel measured slower
-        than the next one over part of its M range says otherwise."""
+    def static_rank(self, problem: Problem) -> int:
+        """The static order for `problem` (higher first): `priority`, unless a kernel that
+        measured slower or faster than its neighbours over part of its range (an M range, a
+        scheme) says otherwise."""
         return self.priority
 
     def serves(self, scheme: QuantScheme) -> str | None:

@@ -2,7 +2,7 @@
 
 Order of evidence: the tuning table for the device (shipped + user cache), else a short timed
 trial when tuning is enabled (OMNIQ_TUNE=1 or omniq.set_tuning(True)), else static priority,
-`Kernel.static_rank(m)` (`priority` unless a kernel ranks itself per M).
+`Kernel.static_rank(problem)` (`priority` unless a kernel ranks itself per M or scheme).
 Nothing is timed while a CUDA graph is being captured.
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ def candidates(problem: Problem, layout=None) -> list[Kernel]:
     disabled = overrides.disabled_kernels()
     out = [k for k in all_kernels()
            if k.name not in disabled and _layout_ok(k, layout) and rejection(k, problem) is None]
-    return sorted(out, key=lambda k: -k.static_rank(problem.m))
+    return sorted(out, key=lambda k: -k.static_rank(problem))
 
 
 def forced(problem: Problem, layout: str | None, layer: str | None = None,
