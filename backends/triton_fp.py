@@ -77,6 +77,16 @@ class _FP4(_TritonFP):
     def _check(self, problem):
         return tm.check_fp4_problem(problem.scheme, problem.n, problem.k, problem.act_dtype)
 
+    def static_rank(self, problem):
+        # weight-only MXFP4 at 8 < M <= 64: the GEMM measured fastest on every shape of the H200
+        # table (M = 16: 1.35-1.54x over cuda.fp4.mma_gemv, which keeps M <= 8 and NVFP4, where
+        # it won; benchmarks/results/h200-2026-11-29c), so it ranks above the GEMV (30) there
+        sch = problem.scheme
+        if (self.mode == "gemm" and sch.name == "mxfp4" and getattr(sch, "activation", None) is None
+                and 8 < problem.m <= 64):
+            return 31
+        return self.priority
+
 
 FP4SplitK, FP4Gemm, FP4DequantMM = _register_family(
     _FP4, "fp4", tm,
@@ -84,18 +94,6 @@ FP4SplitK, FP4Gemm, FP4DequantMM = _register_family(
     gemm="MXFP4 / NVFP4 / dualscale, E2M1 decoded in registers, tiled GEMM for any M.",
     dequant_mm="MXFP4 / NVFP4 / dualscale for large M: dequantize (one Triton pass, transient) + cuBLAS.")
 
-
-def _fp4_gemm_rank(self, problem):
-    # weight-only MXFP4 at 8 < M <= 64: the GEMM measured fastest on every shape of the H200
-    # table (M = 16: 1.35-1.54x over cuda.fp4.mma_gemv, which keeps M <= 8 and NVFP4, where it
-    # won; benchmarks/results/h200-2026-11-29c), so it ranks above the GEMV (30) there
-    sch = problem.scheme
-    if sch.name == "mxfp4" and getattr(sch, "activation", None) is None and 8 < problem.m <= 64:
-        return 31
-    return self.priority
-
-
-FP4Gemm.static_rank = _fp4_gemm_rank
 
 
 class _MXFP8(_TritonFP):
