@@ -38,6 +38,8 @@ SUBJECTS = {
 def fit(points):
     """Least-squares (a, bw) of t = a + b / bw over (bytes, us) points; bw in GB/s."""
     n = len(points)
+    if len({b for b, _ in points}) < 2:
+        raise ValueError("probe_floor.fit: needs points of at least two different sizes (--ks)")
     sx = sum(b for b, _ in points); sy = sum(t for _, t in points)
     sxx = sum(b * b for b, _ in points); sxy = sum(b * t for b, t in points)
     slope = (n * sxy - sx * sy) / (n * sxx - sx * sx)
