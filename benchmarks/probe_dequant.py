@@ -41,74 +41,56 @@ def main() -> None:
     ap.add_argument("--family", default="affine", choices=("affine", "mx"))
     args = ap.parse_args()
     old = importlib.import_module(args.old) if args.old else None
-    if args.family == "mx":
-        return mx(old, args.json)
-    kern = get_kernel("triton.affine.dequant_mm")
-    sch = omniq.get_scheme("gptq", bits=4, group_size=128, sym=False)
     rows = []
-    for n, k in [(8192, 8192), (12288, 3072), (3072, 12288)]:
-        qw = sch.quantize(torch.randn(n, k) * 0.02)
-        base = kern.layout.prepare(qw, DEV)
-        nb = prepared_nbytes(base)
-        preps = [base] + [kern.layout.prepare(qw, DEV) for _ in range(min(8, copies_for(nb)) - 1)]
-        moved = nb + n * k * 2
-        x = torch.randn(512, k, device=DEV, dtype=torch.bfloat16)
-        ref = A.dequantize_rows(base, 0, n, torch.bfloat16)
-        row = {"n": n, "k": k}
-        subjects = [(f"new {c['BLOCK_N']}/{c['BLOCKS']}/{c['num_warps']}", A, c) for c in CONFIGS]
-        if old is not None:
-            subjects.insert(0, ("old default", old, None))
-        for label, mod, cfg in subjects:
-            same = torch.equal(mod.dequantize_rows(base, 0, n, torch.bfloat16, cfg), ref)
-            t = bench([lambda p_=p_: mod.dequantize_rows(p_, 0, n, torch.bfloat16, cfg) for p_ in preps])
-            row[label] = t
-            print(f"{n}x{k} dequant {label:16s} {t:8.1f} us {moved / t / 1e3:6.0f} GB/s  same={same}", flush=True)
-        t_mm = bench([lambda p_=p_: kern.run(x, p_, None) for p_ in preps])
-        wb = ref.clone()
-        t_b = bench([lambda: torch.nn.functional.linear(x, wb)])
-        row.update(dequant_mm_512=t_mm, bf16_512=t_b)
-        print(f"{n}x{k} M=512 dequant_mm {t_mm:.1f} us, bf16 {t_b:.1f} us ({t_b / t_mm:.2f}x)", flush=True)
-        rows.append(row)
-        del preps
-        torch.cuda.empty_cache()
+    if args.family == "affine":
+        kern = get_kernel("triton.affine.dequant_mm")
+        sch = omniq.get_scheme("gptq", bits=4, group_size=128, sym=False)
+        for n, k in [(8192, 8192), (12288, 3072), (3072, 12288)]:
+            subjects = [(f"new {c['BLOCK_N']}/{c['BLOCKS']}/{c['num_warps']}",
+                         lambda p, c=c, n=n: A.dequantize_rows(p, 0, n, torch.bfloat16, c)) for c in CONFIGS]
+            if old is not None:
+                subjects.insert(0, ("old default", lambda p, n=n: old.dequantize_rows(p, 0, n, torch.bfloat16)))
+            rows.append(probe_shape(f"{n}x{k}", kern, sch.quantize(torch.randn(n, k) * 0.02),
+                                    lambda p, n=n: A.dequantize_rows(p, 0, n, torch.bfloat16), subjects))
+    else:
+        from omniq.kernels import triton_mx as X
+        for name, params, kname in [("mxfp4", dict(activation=None), "triton.fp4.dequant_mm"),
+                                    ("nvfp4", dict(activation=None), "triton.fp4.dequant_mm"),
+                                    ("mxfp8", {}, "triton.mxfp8.dequant_mm")]:
+            fn = "dequantize_mxfp8" if name == "mxfp8" else "dequantize_fp4"
+            subjects = ([("old", lambda p: getattr(old, fn)(p, torch.bfloat16))] if old is not None else []) + \
+                [("new", lambda p: getattr(X, fn)(p, torch.bfloat16))]
+            for n, k in [(8192, 8192), (12288, 3072)]:
+                qw = omniq.get_scheme(name, **params).quantize(torch.randn(n, k) * 0.02)
+                rows.append(dict(probe_shape(f"{name} {n}x{k}", get_kernel(kname), qw, subjects[-1][1], subjects),
+                                 scheme=name))
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)
 
 
-def mx(old, json_path) -> None:
-    from omniq.kernels import triton_mx as X
-    rows = []
-    for name, params, kname in [("mxfp4", dict(activation=None), "triton.fp4.dequant_mm"),
-                                ("nvfp4", dict(activation=None), "triton.fp4.dequant_mm"),
-                                ("mxfp8", {}, "triton.mxfp8.dequant_mm")]:
-        kern = get_kernel(kname)
-        for n, k in [(8192, 8192), (12288, 3072)]:
-            qw = omniq.get_scheme(name, **params).quantize(torch.randn(n, k) * 0.02)
-            base = kern.layout.prepare(qw, DEV)
-            nb = prepared_nbytes(base)
-            preps = [base] + [kern.layout.prepare(qw, DEV) for _ in range(min(8, copies_for(nb)) - 1)]
-            moved = nb + n * k * 2
-            fn = "dequantize_mxfp8" if name == "mxfp8" else "dequantize_fp4"
-            ref = getattr(X, fn)(base, torch.bfloat16)
-            row = {"scheme": name, "n": n, "k": k}
-            for label, mod in ([("old", old)] if old is not None else []) + [("new", X)]:
-                f = getattr(mod, fn)
-                same = torch.equal(f(base, torch.bfloat16), ref)
-                t = bench([lambda p_=p_: f(p_, torch.bfloat16) for p_ in preps])
-                row[label] = t
-                print(f"{name} {n}x{k} dequant {label:4s} {t:8.1f} us {moved / t / 1e3:6.0f} GB/s  same={same}",
-                      flush=True)
-            x = torch.randn(512, k, device=DEV, dtype=torch.bfloat16)
-            t_mm = bench([lambda p_=p_: kern.run(x, p_, None) for p_ in preps])
-            wb = ref.clone()
-            t_b = bench([lambda: torch.nn.functional.linear(x, wb)])
-            row.update(dequant_mm_512=t_mm, bf16_512=t_b)
-            print(f"{name} {n}x{k} M=512 {kname} {t_mm:.1f} us, bf16 {t_b:.1f} us ({t_b / t_mm:.2f}x)", flush=True)
-            rows.append(row)
-            del preps
-            torch.cuda.empty_cache()
-    if json_path:
-        json.dump(rows, open(json_path, "w"), indent=1)
+def probe_shape(what, kern, qw, reference, subjects) -> dict:
+    """Each subject (label, prepared -> bf16 W) timed over rotating copies, checked bit for bit
+    against `reference`, then kern's whole call at M = 512 against bf16 F.linear."""
+    n, k = qw.shape
+    base = kern.layout.prepare(qw, DEV)
+    nb = prepared_nbytes(base)
+    preps = [base] + [kern.layout.prepare(qw, DEV) for _ in range(min(8, copies_for(nb)) - 1)]
+    moved = nb + n * k * 2
+    ref = reference(base)
+    row = {"n": n, "k": k}
+    for label, f in subjects:
+        same = torch.equal(f(base), ref)
+        t = bench([lambda p_=p_: f(p_) for p_ in preps])
+        row[label] = t
+        print(f"{what} dequant {label:16s} {t:8.1f} us {moved / t / 1e3:6.0f} GB/s  same={same}", flush=True)
+    x = torch.randn(512, k, device=DEV, dtype=torch.bfloat16)
+    t_mm = bench([lambda p_=p_: kern.run(x, p_, None) for p_ in preps])
+    t_b = bench([lambda: torch.nn.functional.linear(x, ref)])
+    row.update(dequant_mm_512=t_mm, bf16_512=t_b)
+    print(f"{what} M=512 {kern.name} {t_mm:.1f} us, bf16 {t_b:.1f} us ({t_b / t_mm:.2f}x)", flush=True)
+    del preps
+    torch.cuda.empty_cache()
+    return row
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ the activation dtype, and fp32 summation order. Each is bounded by that unit tim
 so tol is 2^-7 (bf16), 2^-9 (fp16), 1e-5 (fp32): a factor 2 to 4 of margin, and far below any
 real error (a wrong code, scale or sub-block moves y by a whole quantization step).
 """
-import os
 
 import pytest
 import torch
@@ -22,9 +21,9 @@ from omniq.kernels import triton_gguf as tg
 from omniq.kernels import triton_mx as tm
 
 pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1",
-    reason="interpreter tests (TRITON_INTERPRET=1, set by conftest without a GPU); "
-           "tests/test_gpu_fp.py runs the same kernels compiled")
+    not tm.interpreting(),
+    reason="runs under the Triton interpreter (TRITON_INTERPRET=1, set by conftest where there is no "
+           "GPU); on a GPU tests/test_gpu_fp.py runs the same kernels compiled")
 
 TOL = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -9, torch.float32: 1e-5}
 # Triton 3.9's interpreter casts fp32 -> bf16 by truncation, not round-to-nearest (1 + 2^-8 + 2^-10

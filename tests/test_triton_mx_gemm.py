@@ -8,7 +8,6 @@ kernel multiplies exactly the reference's weight values (each group factor folds
 the bf16/fp16 decoded value) and exactly its fake-quantized activations; only the fp32
 summation order and the output rounding differ, both far below one quantization step.
 """
-import os
 
 import numpy as np
 import pytest
@@ -21,9 +20,9 @@ from omniq.kernels import triton_mx as tm
 from _mx_util import gen_weight as mx_weight
 
 pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1",
-    reason="interpreter tests (TRITON_INTERPRET=1, set by conftest without a GPU); "
-           "tests/test_gpu_mx_gemm.py runs the same kernel compiled")
+    not tm.interpreting(),
+    reason="runs under the Triton interpreter (TRITON_INTERPRET=1, set by conftest where there is no "
+           "GPU); on a GPU tests/test_gpu_mx_gemm.py runs the same kernel compiled")
 
 TOL = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -9, torch.float32: 1e-5}
 
