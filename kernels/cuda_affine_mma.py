@@ -95,7 +95,12 @@ __device__ __forceinline__ int group_of(int b, int gshift, int NG) {
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(128) affine_mma_gemv(
+#if MINB
+#define BOUNDS __launch_bounds__(128, MINB)
+#else
+#define BOUNDS __launch_bounds__(128)
+#endif
+extern "C" __global__ void BOUNDS affine_mma_gemv(
         const u16* __restrict__ x, const U4* __restrict__ qw, const void* __restrict__ scales,
         const unsigned char* __restrict__ zeros, const u16* __restrict__ bias, u16* __restrict__ y,
         float* __restrict__ ws, int* __restrict__ cnt,
@@ -127,12 +132,8 @@ extern "C" __global__ void __launch_bounds__(128) affine_mma_gemv(
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) { acc[rt][mt][0] = acc[rt][mt][1] = acc[rt][mt][2] = acc[rt][mt][3] = 0.f; }
 
-    // one block requested ahead of the one being multiplied (measured: deeper prefetch, or the
-    // scales loaded with it, cost more in occupancy than they gained)
-    Block cur, nxt;
-    if (b0 < b1) load_block(cur, wa, wb, xr, b0, K, t);
-    for (int b = b0; b < b1; ++b) {
-        if (b + 1 < b1) load_block(nxt, wa, wb, xr, b + 1, K, t);
+    // multiply-accumulate K block b, whose words and x are in `cur`
+    auto mul_block = [&](const Block& cur, int b) {
         const long gi = (long)group_of(b, gshift, NG) * N;
         float sa[RT], sb[RT];
         u32 na[RT], nb[RT];
@@ -183,8 +184,21 @@ extern "C" __global__ void __launch_bounds__(128) affine_mma_gemv(
                 acc[rt][mt][0] += sa[rt] * c[rt][mt][0]; acc[rt][mt][1] += sa[rt] * c[rt][mt][1];
                 acc[rt][mt][2] += sb[rt] * c[rt][mt][2]; acc[rt][mt][3] += sb[rt] * c[rt][mt][3];
             }
-        cur = nxt;
+    };
+
+    // one block requested ahead of the one being multiplied (measured: deeper prefetch, or the
+    // scales loaded with it, cost more in occupancy than they gained), in two buffers used in
+    // turn (a two-block loop body), so no registers are copied from one buffer to the other
+    Block p0, p1;
+    int b = b0;
+    if (b < b1) load_block(p0, wa, wb, xr, b, K, t);
+    for (; b + 1 < b1; b += 2) {
+        load_block(p1, wa, wb, xr, b + 1, K, t);
+        mul_block(p0, b);
+        if (b + 2 < b1) load_block(p0, wa, wb, xr, b + 2, K, t);
+        mul_block(p1, b + 1);
     }
+    if (b < b1) mul_block(p0, b);
 
     float ones[RT];
 #pragma unroll
@@ -196,6 +210,7 @@ extern "C" __global__ void __launch_bounds__(128) affine_mma_gemv(
 SIGNATURE = "p" * 8 + "i" * 10
 MAX_M = 16
 ROW_TILES = 1       # 16-row tiles per warp (1 or 2): two share each x fragment between them
+MIN_BLOCKS = 0      # __launch_bounds__ minimum CTAs per SM (0: none; 6 caps registers at 80)
 
 _VARIANTS: dict = {}
 
@@ -205,13 +220,14 @@ def _scale_code(dtype: torch.dtype) -> int:
 
 
 def variant(bf16: bool, mt: int, zmode: int, scale_dtype: torch.dtype, has_bias: bool,
-            rt: int = 1, gmode: int = 1) -> NvrtcKernel:
-    key = (bf16, mt, zmode, scale_dtype, has_bias, rt, gmode)
+            rt: int = 1, gmode: int = 1, minb: int | None = None) -> NvrtcKernel:
+    minb = MIN_BLOCKS if minb is None else minb
+    key = (bf16, mt, zmode, scale_dtype, has_bias, rt, gmode, minb)
     k = _VARIANTS.get(key)
     if k is None:
         k = NvrtcKernel(SOURCE, "affine_mma_gemv", SIGNATURE,
                         defines={"BF16": bf16, "MT": mt, "ZMODE": zmode, "SCALE_T": _scale_code(scale_dtype),
-                                 "HAS_BIAS": has_bias, "RT": rt, "GMODE": gmode})
+                                 "HAS_BIAS": has_bias, "RT": rt, "GMODE": gmode, "MINB": minb})
         _VARIANTS[key] = k
     return k
 
@@ -272,4 +288,5 @@ def all_variants() -> list[NvrtcKernel]:
     return [variant(bf, mt, zm, sd, hb) for bf in (True, False) for mt in (1, 2) for zm in (0, 1)
             for sd in (torch.float16, torch.bfloat16, torch.float32) for hb in (False, True)] + \
         [variant(bf, mt, zm, torch.float16, hb, rt, gm) for bf in (True, False) for mt in (1, 2) for zm in (0, 1)
-         for hb in (False, True) for rt in (1, 2) for gm in (0, 1) if (rt, gm) != (1, 1)]
+         for hb in (False, True) for rt in (1, 2) for gm in (0, 1) if (rt, gm) != (1, 1)] + \
+        [variant(bf, 1, zm, torch.float16, False, 1, 1, 6) for bf in (True, False) for zm in (0, 1)]
