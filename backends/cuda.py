@@ -201,8 +201,8 @@ class AffineMmaGemv(NvrtcCudaKernel):
         if getattr(sch, "bits", 4) != 4:
             return f"{sch.bits}-bit codes: this kernel decodes 4-bit nibbles only"
         g = getattr(sch, "group_size", -1)
-        if g != -1 and g % 128:
-            return f"group_size={g}: needs -1 or a multiple of 128 (one scale per 128-wide K block)"
+        if g != -1 and (g % 128 or (g // 128) & (g // 128 - 1)):
+            return f"group_size={g}: needs -1 or a power-of-two multiple of 128 (one scale per 128-wide K block)"
         return self.decode_reason(pr)
 
     def run(self, x, p, bias):

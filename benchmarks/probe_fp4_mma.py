@@ -5,6 +5,7 @@ depths) vs triton.fp4.splitk, MXFP4 and NVFP4 weight-only, M = 1, 4, 8, 16 (< 60
     python benchmarks/probe_fp4_mma.py [--json out.json] [--schemes mxfp4,nvfp4]
 """
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ ap.add_argument("--m", default="1,4,8,16")
 ap.add_argument("--schemes", default="mxfp4,nvfp4")
 ap.add_argument("--targets", default="528,792")
 ap.add_argument("--pf", default="1,2")        # forced prefetch depths (default: by m tiles)
+ap.add_argument("--old", help="another module with run(x, prepared, bias) on the same layout, timed too")
 args = ap.parse_args()
 dev = torch.device("cuda")
 rows = []
@@ -55,6 +57,9 @@ for name in args.schemes.split(","):
                     row[f"mma_{tgt}_{pf}_us"] = bench([lambda p_=p_: kern.run(x, p_, None) for p_ in preps])
                     row["mma_err"] = max(err, row.get("mma_err", 0.0))
             fp4.TARGET_CTAS, fp4.PREFETCH = 528, None
+            if args.old:
+                old = importlib.import_module(args.old)
+                row["old_us"] = bench([lambda p_=p_: old.run(x, p_, None) for p_ in preps])
             row["splitk_us"] = bench([lambda p_=p_: splitk.run(x, p_, None) for p_ in preps])
             rows.append(row)
             best = min(v for kk, v in row.items() if kk.startswith("mma_") and kk.endswith("_us"))

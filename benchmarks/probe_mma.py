@@ -5,6 +5,7 @@ triton.affine.splitk vs tinygemm, 4-bit g128, M = 1..16.
     python benchmarks/probe_mma.py [--json out.json]
 """
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -21,7 +22,10 @@ from omniq.kernels import cuda_affine_mma as mma  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("--json")
 ap.add_argument("--m", default="1,2,4,8,16")
-ap.add_argument("--targets", default="264,528,1056")
+ap.add_argument("--targets", default="528,792")
+ap.add_argument("--row-tiles", default="1,2")
+ap.add_argument("--min-blocks", default="0,6")
+ap.add_argument("--old", help="another module with run(x, prepared, bias) on the same layout, timed too")
 args = ap.parse_args()
 dev = torch.device("cuda")
 rows = []
@@ -45,14 +49,19 @@ for n, k in [(8192, 8192), (12288, 3072), (3072, 12288)]:
         ref = torch.nn.functional.linear(x, wb)
         t_b = bench([lambda w_=w_: torch.nn.functional.linear(x, w_) for w_ in wbs])
         row = {"n": n, "k": k, "m": m, "bf16_us": t_b}
-        for tgt in [int(v) for v in args.targets.split(",")]:
-            mma.TARGET_CTAS = tgt
-            y = kern.run(x, base, None)
-            err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-            t = bench([lambda p_=p_: kern.run(x, p_, None) for p_ in preps])
-            row[f"mma_{tgt}_us"] = t
-            row["mma_err"] = err
-        mma.TARGET_CTAS = 528
+        for rt in [int(v) for v in args.row_tiles.split(",")]:
+            for minb in [int(v) for v in args.min_blocks.split(",")]:
+                for tgt in [int(v) for v in args.targets.split(",")]:
+                    mma.TARGET_CTAS, mma.ROW_TILES, mma.MIN_BLOCKS = tgt, rt, minb
+                    y = kern.run(x, base, None)
+                    err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                    t = bench([lambda p_=p_: kern.run(x, p_, None) for p_ in preps])
+                    row[f"mma_rt{rt}_b{minb}_{tgt}_us"] = t
+                    row["mma_err"] = max(err, row.get("mma_err", 0.0))
+        mma.TARGET_CTAS, mma.ROW_TILES, mma.MIN_BLOCKS = 528, 1, 0
+        if args.old:
+            old = importlib.import_module(args.old)
+            row["old_us"] = bench([lambda p_=p_: old.run(x, p_, None) for p_ in preps])
         row["splitk_us"] = bench([lambda p_=p_: splitk.run(x, p_, None) for p_ in preps])
         row["tinygemm_us"] = bench([lambda p_=p_: tg.run(x, p_, None) for p_ in tgp])
         rows.append(row)

@@ -37,16 +37,16 @@ __device__ __forceinline__ float scale_at(const void* s, long i) {
     return ((const float*)s)[i];
 #endif
 }
-// -(MAGIC + z) twice, as packed half bits (exact: z <= 127 for bf16, any uint8 for fp16)
+// -(MAGIC + z) twice, as packed half bits, with integer ops only: -(128 + z) for 0 <= z <= 127
+// is bf16 0xC300 | z (exponent 2^7, the 7 mantissa bits are z), -(1024 + z) for 0 <= z <= 1023
+// fp16 0xE400 | z (the callers guarantee those ranges)
 __device__ __forceinline__ u32 neg_magic(int z) {
 #if BF16
-    u32 b = __float_as_uint(-(128.0f + (float)z)) >> 16;
+    const u32 b = 0xC300u | (u32)z;
 #else
-    u16 hb; float f = -(1024.0f + (float)z);
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hb) : "f"(f));
-    u32 b = hb;
+    const u32 b = 0xE400u | (u32)z;
 #endif
-    return b | (b << 16);
+    return b * 0x10001u;
 }
 // nibbles 0 and 16 of w -> packed (u0 - z, u4 - z) with no int->float conversion
 __device__ __forceinline__ u32 dq(u32 w, u32 neg) {
@@ -61,22 +61,24 @@ __device__ __forceinline__ u32 dq(u32 w, u32 neg) {
     return r;
 }
 struct Block {
-    U4 wa, wb;          // words 4t..4t+3 of rows g and g+8
+    U4 wa[RT], wb[RT];  // words 4t..4t+3 of rows g and g+8 of each of the warp's RT row tiles
     U2 xv[MT][8];       // x[m][blk*128 + 16 s + 4t .. +3] for m = 8 mt + g, slot s
 };
 
-__device__ __forceinline__ void load_block(Block& B, const U4* wa, const U4* wb, const u16* x, int b,
-                                           int M, int K, int sx, int g, int t) {
-    B.wa = wa[b * 4];
-    B.wb = wb[b * 4];
+// xr[mt]: x row min(8 mt + g, M - 1) from element 4t (a row past M reads a real row: it feeds
+// only output columns that are never stored); only a block that ends past K checks k < K (x
+// rows are padded to 4 elements, so a 4-element run is all in or all out)
+__device__ __forceinline__ void load_block(Block& B, const U4* const* wa, const U4* const* wb,
+                                           const u16* const* xr, int b, int K, int t) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) { B.wa[rt] = wa[rt][b * 4]; B.wb[rt] = wb[rt][b * 4]; }
+    const bool full = (b + 1) * 128 <= K;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-        const int m = mt * 8 + g;
 #pragma unroll
         for (int s = 0; s < 8; ++s) {
-            const int k = b * 128 + 16 * s + 4 * t;
-            if (m < M && k < K) {
-                B.xv[mt][s] = *(const U2*)(x + (long)m * sx + k);
+            if (full || b * 128 + 16 * s + 4 * t < K) {
+                B.xv[mt][s] = *(const U2*)(xr[mt] + b * 128 + 16 * s);
             } else {
                 B.xv[mt][s].x = 0u; B.xv[mt][s].y = 0u;
             }
@@ -84,71 +86,131 @@ __device__ __forceinline__ void load_block(Block& B, const U4* wa, const U4* wb,
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) affine_mma_gemv(
+// the scale group of K block b without a division: GMODE 0 one group, 1 2^gshift blocks per group
+__device__ __forceinline__ int group_of(int b, int gshift, int NG) {
+#if GMODE == 0
+    return 0;
+#else
+    return min(b >> gshift, NG - 1);
+#endif
+}
+
+#if MINB
+#define BOUNDS __launch_bounds__(128, MINB)
+#else
+#define BOUNDS __launch_bounds__(128)
+#endif
+extern "C" __global__ void BOUNDS affine_mma_gemv(
         const u16* __restrict__ x, const U4* __restrict__ qw, const void* __restrict__ scales,
         const unsigned char* __restrict__ zeros, const u16* __restrict__ bias, u16* __restrict__ y,
         float* __restrict__ ws, int* __restrict__ cnt,
-        int M, int N, int K, int KW, int G, int NG, int sx, int zc, int bps, int S) {
+        int M, int N, int K, int KW, int gshift, int NG, int sx, int zc, int bps, int S) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int n0 = (blockIdx.x * 4 + warp) * 16;
+    const int n0 = (blockIdx.x * 4 + warp) * 16 * RT;
     const int nblk = KW / 16;
     const int b0 = blockIdx.y * bps;
     const int b1 = min(b0 + bps, nblk);
-    const int ra = min(n0 + g, N - 1), rb = min(n0 + g + 8, N - 1);
-    const U4* wa = qw + (long)ra * (KW / 4) + t;
-    const U4* wb = qw + (long)rb * (KW / 4) + t;
-
-    float acc[MT][4];
+    int ra[RT], rb[RT];
+    const U4* wa[RT];
+    const U4* wb[RT];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) { acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f; }
+    for (int rt = 0; rt < RT; ++rt) {
+        ra[rt] = min(n0 + 16 * rt + g, N - 1);
+        rb[rt] = min(n0 + 16 * rt + g + 8, N - 1);
+        wa[rt] = qw + (long)ra[rt] * (KW / 4) + t;
+        wb[rt] = qw + (long)rb[rt] * (KW / 4) + t;
+    }
 
-    // one block requested ahead of the one being multiplied (measured: deeper prefetch, or the
-    // scales loaded with it, cost more in occupancy than they gained)
-    Block cur, nxt;
-    if (b0 < b1) load_block(cur, wa, wb, x, b0, M, K, sx, g, t);
-    for (int b = b0; b < b1; ++b) {
-        if (b + 1 < b1) load_block(nxt, wa, wb, x, b + 1, M, K, sx, g, t);
-        const long gi = (long)min((b * 128) / G, NG - 1) * N;
+    const u16* xr[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) xr[mt] = x + (long)min(mt * 8 + g, M - 1) * sx + 4 * t;
+
+    float acc[RT][MT][4];
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) { acc[rt][mt][0] = acc[rt][mt][1] = acc[rt][mt][2] = acc[rt][mt][3] = 0.f; }
+
+    // multiply-accumulate K block b, whose words and x are in `cur`
+    auto mul_block = [&](const Block& cur, int b) {
+        const long gi = (long)group_of(b, gshift, NG) * N;
+        float sa[RT], sb[RT];
+        u32 na[RT], nb[RT];
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) {
 #if ZMODE == 1
-        const u32 na = neg_magic((int)zeros[gi + ra]), nb = neg_magic((int)zeros[gi + rb]);
+            na[rt] = neg_magic((int)zeros[gi + ra[rt]]);
+            nb[rt] = neg_magic((int)zeros[gi + rb[rt]]);
 #else
-        const u32 na = neg_magic(zc), nb = na;
+            na[rt] = nb[rt] = neg_magic(zc);
 #endif
-        const float sa = scale_at(scales, gi + ra), sb = scale_at(scales, gi + rb);
-        float c[MT][4];
+            sa[rt] = scale_at(scales, gi + ra[rt]);
+            sb[rt] = scale_at(scales, gi + rb[rt]);
+        }
+        float c[RT][MT][4];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) { c[mt][0] = c[mt][1] = c[mt][2] = c[mt][3] = 0.f; }
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) { c[rt][mt][0] = c[rt][mt][1] = c[rt][mt][2] = c[rt][mt][3] = 0.f; }
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
-            const u32 a_ra = q ? cur.wa.z : cur.wa.x, a_rb = q ? cur.wa.w : cur.wa.y;
-            const u32 b_ra = q ? cur.wb.z : cur.wb.x, b_rb = q ? cur.wb.w : cur.wb.y;
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const u32 A0 = dq(a_ra >> (4 * j), na), A1 = dq(b_ra >> (4 * j), nb);
-                const u32 A2 = dq(a_rb >> (4 * j), na), A3 = dq(b_rb >> (4 * j), nb);
+                // the x fragment of (q, j), built once and shared by the warp's RT row tiles
+                u32 B0[MT], B1[MT];
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     const u32 lo = q ? cur.xv[mt][j].y : cur.xv[mt][j].x;
                     const u32 hi = q ? cur.xv[mt][j + 4].y : cur.xv[mt][j + 4].x;
-                    mma(c[mt], A0, A1, A2, A3, __byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632));
+                    B0[mt] = __byte_perm(lo, hi, 0x5410);
+                    B1[mt] = __byte_perm(lo, hi, 0x7632);
+                }
+#pragma unroll
+                for (int rt = 0; rt < RT; ++rt) {
+                    const u32 a_ra = q ? cur.wa[rt].z : cur.wa[rt].x, a_rb = q ? cur.wa[rt].w : cur.wa[rt].y;
+                    const u32 b_ra = q ? cur.wb[rt].z : cur.wb[rt].x, b_rb = q ? cur.wb[rt].w : cur.wb[rt].y;
+                    const u32 A0 = dq(a_ra >> (4 * j), na[rt]), A1 = dq(b_ra >> (4 * j), nb[rt]);
+                    const u32 A2 = dq(a_rb >> (4 * j), na[rt]), A3 = dq(b_rb >> (4 * j), nb[rt]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) mma(c[rt][mt], A0, A1, A2, A3, B0[mt], B1[mt]);
                 }
             }
         }
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-            acc[mt][0] += sa * c[mt][0]; acc[mt][1] += sa * c[mt][1];
-            acc[mt][2] += sb * c[mt][2]; acc[mt][3] += sb * c[mt][3];
-        }
-        cur = nxt;
-    }
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                acc[rt][mt][0] += sa[rt] * c[rt][mt][0]; acc[rt][mt][1] += sa[rt] * c[rt][mt][1];
+                acc[rt][mt][2] += sb[rt] * c[rt][mt][2]; acc[rt][mt][3] += sb[rt] * c[rt][mt][3];
+            }
+    };
 
-    store_tile<MT>(acc, 1.f, 1.f, bias, y, ws, cnt, n0, g, t, M, N, S);
+    // one block requested ahead of the one being multiplied (measured: deeper prefetch, or the
+    // scales loaded with it, cost more in occupancy than they gained), in two buffers used in
+    // turn (a two-block loop body), so no registers are copied from one buffer to the other
+    Block p0, p1;
+    int b = b0;
+    if (b < b1) load_block(p0, wa, wb, xr, b, K, t);
+    for (; b + 1 < b1; b += 2) {
+        load_block(p1, wa, wb, xr, b + 1, K, t);
+        mul_block(p0, b);
+        if (b + 2 < b1) load_block(p0, wa, wb, xr, b + 2, K, t);
+        mul_block(p1, b + 1);
+    }
+    if (b < b1) mul_block(p0, b);
+
+    float ones[RT];
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) ones[rt] = 1.f;
+    store_tiles<MT, RT>(acc, ones, ones, bias, y, ws, cnt, n0, g, t, M, N, S);
 }
 """
 
 SIGNATURE = "p" * 8 + "i" * 10
 MAX_M = 16
+ROW_TILES = 1       # 16-row tiles per warp (1 or 2): two share each x fragment between them
+MIN_BLOCKS = 0      # __launch_bounds__ minimum CTAs per SM (0: none; 6 caps registers at 80)
 
 _VARIANTS: dict = {}
 
@@ -157,20 +219,31 @@ def _scale_code(dtype: torch.dtype) -> int:
     return {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[dtype]
 
 
-def variant(bf16: bool, mt: int, zmode: int, scale_dtype: torch.dtype, has_bias: bool) -> NvrtcKernel:
-    key = (bf16, mt, zmode, scale_dtype, has_bias)
+def variant(bf16: bool, mt: int, zmode: int, scale_dtype: torch.dtype, has_bias: bool,
+            rt: int = 1, gmode: int = 1, minb: int | None = None) -> NvrtcKernel:
+    minb = MIN_BLOCKS if minb is None else minb
+    key = (bf16, mt, zmode, scale_dtype, has_bias, rt, gmode, minb)
     k = _VARIANTS.get(key)
     if k is None:
         k = NvrtcKernel(SOURCE, "affine_mma_gemv", SIGNATURE,
                         defines={"BF16": bf16, "MT": mt, "ZMODE": zmode, "SCALE_T": _scale_code(scale_dtype),
-                                 "HAS_BIAS": has_bias})
+                                 "HAS_BIAS": has_bias, "RT": rt, "GMODE": gmode, "MINB": minb})
         _VARIANTS[key] = k
     return k
 
 
-def launch_config(m: int, n: int, kw: int, target_ctas: int | None = None) -> tuple[int, int, int, int]:
-    """(row tiles, splits, blocks per split, m tiles) for an M x N problem over kw words per row."""
-    return cuda_common.launch_config(m, n, kw // 16, target_ctas or TARGET_CTAS)
+def launch_config(m: int, n: int, kw: int, target_ctas: int | None = None,
+                  row_tiles: int = 1) -> tuple[int, int, int, int]:
+    """(CTA row tiles, splits, blocks per split, m tiles) for an M x N problem over kw words per
+    row, with `row_tiles` 16-row tiles per warp."""
+    return cuda_common.launch_config(m, n, kw // 16, target_ctas or TARGET_CTAS, ROWS_PER_CTA * row_tiles)
+
+
+def group_args(p) -> tuple[int, int]:
+    """(GMODE, gshift): one scale group (0, 0), or 2^gshift K blocks per group (1, gshift)."""
+    if p.n_groups <= 1:
+        return 0, 0
+    return 1, (p.group_size // 128).bit_length() - 1
 
 
 def unsupported(p) -> str | None:
@@ -183,8 +256,8 @@ def unsupported(p) -> str | None:
         return "float zero offsets need triton.affine kernels (integer zero points only here)"
     if p.act_int8:
         return "int8 activations (W4A8) run on triton.affine.splitk / .gemm"
-    if p.n_groups > 1 and p.group_size % 128:
-        return f"group size {p.group_size}: needs a multiple of 128 (one scale per 128-wide K block)"
+    if p.n_groups > 1 and (p.group_size % 128 or (p.group_size // 128) & (p.group_size // 128 - 1)):
+        return f"group size {p.group_size}: needs a power-of-two multiple of 128 (one scale per 128-wide K block)"
     if p.zmode == 1 and p.zero_max > 127:
         return f"zero points up to {p.zero_max}: above 127 they do not fit the bf16 exponent trick"
     return None
@@ -199,17 +272,21 @@ def run(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
         x = torch.nn.functional.pad(x, (0, 4 - k % 4))
     x = cuda_common.checked_input("cuda.affine.mma_gemv", p, x, unsupported, MAX_M)
     m, n, kw = x.shape[0], p.n, p.qweight.shape[1]
-    tiles, splits, bps, mt = launch_config(m, n, kw, TARGET_CTAS)
+    rt = ROW_TILES
+    tiles, splits, bps, mt = launch_config(m, n, kw, TARGET_CTAS, rt)
     y, ws, cnt, bias = cuda_common.outputs(x, n, splits, tiles, bias)
-    kern = variant(x.dtype == torch.bfloat16, mt, p.zmode, p.scales.dtype, bias is not None)
-    g = p.group_size if p.n_groups > 1 else 1 << 30
+    gmode, gshift = group_args(p)
+    kern = variant(x.dtype == torch.bfloat16, mt, p.zmode, p.scales.dtype, bias is not None, rt, gmode)
     kern(x.device, (tiles, splits), (128,),
          [x, p.qweight, p.scales, p.zeros, bias, y, ws, cnt,
-          m, n, k, kw, g, p.n_groups, x.stride(0), p.zc, bps, splits])
+          m, n, k, kw, gshift, p.n_groups, x.stride(0), p.zc, bps, splits])
     return y
 
 
 def all_variants() -> list[NvrtcKernel]:
     """Every specialisation (compile checks)."""
     return [variant(bf, mt, zm, sd, hb) for bf in (True, False) for mt in (1, 2) for zm in (0, 1)
-            for sd in (torch.float16, torch.bfloat16, torch.float32) for hb in (False, True)]
+            for sd in (torch.float16, torch.bfloat16, torch.float32) for hb in (False, True)] + \
+        [variant(bf, mt, zm, torch.float16, hb, rt, gm) for bf in (True, False) for mt in (1, 2) for zm in (0, 1)
+         for hb in (False, True) for rt in (1, 2) for gm in (0, 1) if (rt, gm) != (1, 1)] + \
+        [variant(bf, 1, zm, torch.float16, False, 1, 1, 6) for bf in (True, False) for zm in (0, 1)]

@@ -49,21 +49,24 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
 #endif
 }
 
-// acc[mt][i]: row n0 + g (+8 for i >= 2), token 8 mt + 2t (+1 for odd i); fa / fb scale rows
-// g / g + 8 after the K sum; y[m][n] = acc * f (+ bias[n]) in the activation type.
-template <int NT>
-__device__ __forceinline__ void store_tile(const float (*acc)[4], float fa, float fb,
-                                           const u16* __restrict__ bias, u16* __restrict__ y,
-                                           float* __restrict__ ws, int* __restrict__ cnt,
-                                           int n0, int g, int t, int M, int N, int S) {
+// acc[rt][mt][i]: row n0 + 16 rt + g (+8 for i >= 2), token 8 mt + 2t (+1 for odd i); fa[rt] /
+// fb[rt] scale rows g / g + 8 of tile rt after the K sum; y[m][n] = acc * f (+ bias[n]) in the
+// activation type. A warp owns NR tiles of 16 rows.
+template <int NT, int NR>
+__device__ __forceinline__ void store_tiles(const float (*acc)[NT][4], const float* fa, const float* fb,
+                                            const u16* __restrict__ bias, u16* __restrict__ y,
+                                            float* __restrict__ ws, int* __restrict__ cnt,
+                                            int n0, int g, int t, int M, int N, int S) {
     if (S == 1) {
+#pragma unroll
+        for (int rt = 0; rt < NR; ++rt)
 #pragma unroll
         for (int mt = 0; mt < NT; ++mt)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const int n = n0 + g + (i >> 1) * 8, m = mt * 8 + 2 * t + (i & 1);
+                const int n = n0 + 16 * rt + g + (i >> 1) * 8, m = mt * 8 + 2 * t + (i & 1);
                 if (n < N && m < M) {
-                    float v = acc[mt][i] * (i < 2 ? fa : fb);
+                    float v = acc[rt][mt][i] * (i < 2 ? fa[rt] : fb[rt]);
 #if HAS_BIAS
                     v += h2f(bias[n]);
 #endif
@@ -73,11 +76,13 @@ __device__ __forceinline__ void store_tile(const float (*acc)[4], float fa, floa
         return;
     }
 #pragma unroll
+    for (int rt = 0; rt < NR; ++rt)
+#pragma unroll
     for (int mt = 0; mt < NT; ++mt)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int n = n0 + g + (i >> 1) * 8, m = mt * 8 + 2 * t + (i & 1);
-            if (n < N && m < M) ws[((long)blockIdx.y * M + m) * N + n] = acc[mt][i];
+            const int n = n0 + 16 * rt + g + (i >> 1) * 8, m = mt * 8 + 2 * t + (i & 1);
+            if (n < N && m < M) ws[((long)blockIdx.y * M + m) * N + n] = acc[rt][mt][i];
         }
     __threadfence();
     __syncthreads();
@@ -87,14 +92,16 @@ __device__ __forceinline__ void store_tile(const float (*acc)[4], float fa, floa
     if (!last) return;
     __threadfence();
 #pragma unroll
+    for (int rt = 0; rt < NR; ++rt)
+#pragma unroll
     for (int mt = 0; mt < NT; ++mt)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int n = n0 + g + (i >> 1) * 8, m = mt * 8 + 2 * t + (i & 1);
+            const int n = n0 + 16 * rt + g + (i >> 1) * 8, m = mt * 8 + 2 * t + (i & 1);
             if (n < N && m < M) {
                 float v = 0.f;
                 for (int s = 0; s < S; ++s) v += __ldcg(ws + ((long)s * M + m) * N + n);
-                v *= (i < 2 ? fa : fb);
+                v *= (i < 2 ? fa[rt] : fb[rt]);
 #if HAS_BIAS
                 v += h2f(bias[n]);
 #endif
@@ -103,6 +110,14 @@ __device__ __forceinline__ void store_tile(const float (*acc)[4], float fa, floa
         }
     if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
 }
+// one 16-row tile per warp: acc[mt][i], row n0 + g (+8 for i >= 2)
+template <int NT>
+__device__ __forceinline__ void store_tile(const float (*acc)[4], float fa, float fb,
+                                           const u16* __restrict__ bias, u16* __restrict__ y,
+                                           float* __restrict__ ws, int* __restrict__ cnt,
+                                           int n0, int g, int t, int M, int N, int S) {
+    store_tiles<NT, 1>((const float (*)[NT][4])acc, &fa, &fb, bias, y, ws, cnt, n0, g, t, M, N, S);
+}
 """
 
 
@@ -110,10 +125,11 @@ ROWS_PER_CTA = 64        # 4 warps of 16 output rows
 TARGET_CTAS = 4 * 132    # enough resident 4-warp CTAs to keep every H200 SM's loads in flight
 
 
-def launch_config(m: int, n: int, steps: int, target_ctas: int = TARGET_CTAS) -> tuple[int, int, int, int]:
+def launch_config(m: int, n: int, steps: int, target_ctas: int = TARGET_CTAS,
+                  rows_per_cta: int = ROWS_PER_CTA) -> tuple[int, int, int, int]:
     """(row tiles, K splits, K steps per split, MMA token tiles) for M tokens, N rows and
     `steps` K steps per row: enough CTAs to fill the GPU, no empty split."""
-    tiles = -(-n // ROWS_PER_CTA)
+    tiles = -(-n // rows_per_cta)
     want = max(1, min(steps, -(-target_ctas // tiles)))
     per = -(-steps // want)
     return tiles, -(-steps // per), per, (1 if m <= 8 else 2)

@@ -158,21 +158,8 @@ extern "C" __global__ void __launch_bounds__(128) fp4_mma_gemv(
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) { acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f; }
 
-    Step cur, n1;
-#if PF == 2
-    Step n2;
-#endif
-#define LOAD(B, ss) load_step(B, qw, scales, x, ss, M, N, K, KB, sx, ra, rb, g, t)
-    if (s0 < s1) LOAD(cur, s0);
-#if PF == 2
-    if (s0 + 1 < s1) LOAD(n1, s0 + 1);
-#endif
-    for (int s = s0; s < s1; ++s) {
-#if PF == 2
-        if (s + 2 < s1) LOAD(n2, s + 2);
-#else
-        if (s + 1 < s1) LOAD(n1, s + 1);
-#endif
+    // multiply-accumulate the step in `cur`
+    auto mul_step = [&](const Step& cur) {
         const u32 fla = factor2(cur.sla, mra), fha = factor2(cur.sha, mra);
         const u32 flb = factor2(cur.slb, mrb), fhb = factor2(cur.shb, mrb);
 #pragma unroll
@@ -191,11 +178,36 @@ extern "C" __global__ void __launch_bounds__(128) fp4_mma_gemv(
                     word(cur.xh[mt][q >> 1], (2 * q + 1) & 3));
             }
         }
-        cur = n1;
+    };
+#define LOAD(B, ss) load_step(B, qw, scales, x, ss, M, N, K, KB, sx, ra, rb, g, t)
+    // PF steps requested ahead of the one being multiplied, in PF + 1 buffers used in turn (a
+    // loop body of PF + 1 steps), so no registers are copied from one buffer to another
+    int s = s0;
+    Step p0, p1;
+    if (s < s1) LOAD(p0, s);
 #if PF == 2
-        n1 = n2;
-#endif
+    Step p2;
+    if (s + 1 < s1) LOAD(p1, s + 1);
+    for (; s + 2 < s1; s += 3) {
+        LOAD(p2, s + 2);
+        mul_step(p0);
+        if (s + 3 < s1) LOAD(p0, s + 3);
+        mul_step(p1);
+        if (s + 4 < s1) LOAD(p1, s + 4);
+        mul_step(p2);
     }
+    if (s < s1) mul_step(p0);
+    if (s + 1 < s1) mul_step(p1);
+#else
+    for (; s + 1 < s1; s += 2) {
+        LOAD(p1, s + 1);
+        mul_step(p0);
+        if (s + 2 < s1) LOAD(p0, s + 2);
+        mul_step(p1);
+    }
+    if (s < s1) mul_step(p0);
+#endif
+#undef LOAD
 
     // acc[mt][i]: row n0 + g (+8 for i >= 2), column m = 8 mt + 2t (+1 for odd i)
     const float rfa = row_factor(rexp, ra, gscale), rfb = row_factor(rexp, rb, gscale);

@@ -55,18 +55,25 @@ def int4_cases(draw):
 @settings(max_examples=30)
 @given(data=st.data())
 def test_mma_gemv_against_reference(data):
+    rt = data.draw(st.sampled_from((1, 2)))
     sch, n, k = data.draw(int4_cases())
     qw = quantized(sch, n, k, data.draw(st.integers(0, 2**31 - 1)))
     x = data.draw(activations(k, 16, dtypes=HALF)).to(GPU)
     bias = None if data.draw(st.booleans()) else make_tensor((n,), "normal", 1).to(GPU, x.dtype)
-    _check(sch, qw, x, bias)
+    mma.ROW_TILES = rt          # a module setting: put back whatever happens
+    try:
+        _check(sch, qw, x, bias)
+    finally:
+        mma.ROW_TILES = 1
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("n,k", [(3072, 12288), (12288, 3072), (8192, 8192)])
 @pytest.mark.parametrize("m", [1, 5, 16])
-def test_mma_gemv_benchmark_shapes(n, k, m, dtype):
+@pytest.mark.parametrize("rt", [1, 2])
+def test_mma_gemv_benchmark_shapes(n, k, m, dtype, rt, monkeypatch):
+    monkeypatch.setattr(mma, "ROW_TILES", rt)
     sch = omniq.get_scheme("gptq", bits=4, group_size=128, sym=False)
     qw = quantized(sch, n, k, 7)
     x = make_tensor((m, k), "normal", 8).to(GPU, dtype)
@@ -83,10 +90,11 @@ def test_mma_gemv_graph_replay():
 
 # ---- CPU: launch arithmetic and reasons ------------------------------------------------------
 @settings(max_examples=200, deadline=None)
-@given(m=st.integers(1, 16), n=st.integers(1, 40000), blocks=st.integers(1, 400))
-def test_launch_config_covers_every_row_and_block(m, n, blocks):
-    tiles, splits, bps, mt = mma.launch_config(m, n, blocks * 16)
-    assert tiles * mma.ROWS_PER_CTA >= n > (tiles - 1) * mma.ROWS_PER_CTA
+@given(m=st.integers(1, 16), n=st.integers(1, 40000), blocks=st.integers(1, 400), rt=st.sampled_from((1, 2)))
+def test_launch_config_covers_every_row_and_block(m, n, blocks, rt):
+    tiles, splits, bps, mt = mma.launch_config(m, n, blocks * 16, row_tiles=rt)
+    rows = mma.ROWS_PER_CTA * rt
+    assert tiles * rows >= n > (tiles - 1) * rows
     assert splits * bps >= blocks > (splits - 1) * bps  # every K block once, no empty split
     assert mt * 8 >= m
 
@@ -109,13 +117,25 @@ def test_reasons_on_cpu():
     k = get_kernel(KERNEL)
     assert "CUDA" in k.available(torch.device("cpu"))
     pr = Problem(omniq.get_scheme("gptq", bits=4, group_size=64), 64, 256, 1, torch.bfloat16, torch.device("cpu"))
-    assert "multiple of 128" in k.can_implement(pr)
+    assert "power-of-two multiple of 128" in k.can_implement(pr)
     pr = Problem(omniq.get_scheme("gptq", bits=8, group_size=128), 64, 256, 1, torch.bfloat16, torch.device("cpu"))
     assert "4-bit" in k.can_implement(pr)
     pr = Problem(omniq.get_scheme("gptq", bits=4, group_size=128), 64, 256, 17, torch.bfloat16, torch.device("cpu"))
     assert "M=17" in k.can_implement(pr)
     pr = Problem(omniq.get_scheme("gptq", bits=4, group_size=128), 64, 256, 1, torch.float32, torch.device("cpu"))
     assert "bf16 or fp16" in k.can_implement(pr)
+
+
+def test_group_args_are_a_shift():
+    sch = omniq.get_scheme("gptq", bits=4, group_size=128, sym=False)
+    p = affine.prepare_affine(quantized(sch, 16, 512, 0), "cpu")
+    assert mma.group_args(p) == (1, 0)
+    p.group_size = 512
+    assert mma.group_args(p) == (1, 2)
+    p.group_size = 384
+    assert "power-of-two multiple of 128" in mma.unsupported(p)
+    p1 = affine.prepare_affine(quantized(omniq.get_scheme("gptq", bits=4, group_size=-1), 16, 512, 0), "cpu")
+    assert mma.group_args(p1) == (0, 0)
 
 
 def test_prepared_forms_it_refuses_say_why():
