@@ -6,18 +6,18 @@ then computes y[m, n] = s_x[m] * s_w[n] * sum_k q[m, k] W[n, k] (+ bias) in x's 
 
 Hiding the quantizer (cfg 'quant', 'pdl'). The quantizer's time (2-6 us at decode M on an H200,
 against a 13-20 us GEMV) is mostly latency: a launch, one pass over a short row, a block
-reduction. For int8 two things take it off the critical path:
-  * QUANT_SOURCE, a CUDA quantizer with several CTAs per row (each reads the whole row for the
+reduction. Two things take it off the critical path:
+  * a quantizer that executes `griddepcontrol.launch_dependents` first thing: for int8
+    QUANT_SOURCE, a CUDA quantizer with several CTAs per row (each reads the whole row for the
     amax, from L2 after the first, and casts only its share of 16-byte vectors: no CTA waits on
-    another), which executes `griddepcontrol.launch_dependents` first thing (int8 only: see
-    quantize_cuda for why fp8 keeps the Triton quantizer);
+    another); for fp8 (see quantize_cuda for why it keeps the Triton quantizer) and
+    quant='triton', the Triton quantizer with its EARLY_TRIGGER;
   * the GEMV launched with Programmatic Dependent Launch (omniq.kernels.nvrtc, `pdl=True`): its
     CTAs start while the quantizer runs, issue their first round of weight loads, then
     `griddepcontrol.wait` until the quantizer grid has finished
     and its writes are visible, and only then read the codes and scales. Every write of the GEMV
     (partials, counters, y) comes after the wait, so the result is bitwise the same as with a
-    plain launch, and the split-K counters shared per stream are never touched early. The Triton
-    quantizer (quant='triton') has no trigger: a PDL GEMV after it starts once its CTAs exit.
+    plain launch, and the split-K counters shared per stream are never touched early.
 
 Why mma.sync and not FMA: at M = 16 a CUDA-core dot costs 16 FFMA per weight byte for fp8
 (256 per 16-byte load), twice what an SM can issue while streaming 16 B/clk from HBM; a
@@ -640,13 +640,15 @@ def run_gemv(x: torch.Tensor, p, bias: torch.Tensor | None, cfg: dict | None = N
         raise KernelError(f"{where(p.name)}cuda.w8a8.gemv: quant={cfg['quant']!r}, not one of {QUANTIZERS}")
     dev = x.device
     # PDL only right after this call's own quantizer: the GEMV reads the weight before it waits,
-    # which is safe because the quantizer (a plain launch) began after every earlier kernel ended
-    # (the CUDA quantizer is int8 only, and PDL gains nothing after the Triton quantizer, which
-    # sends no early trigger: measured in results/h200-2026-11-29b/probe_w8a8_pdl.txt)
+    # which is safe because the quantizer (a plain launch) began after every earlier kernel ended.
+    # Both quantizers trigger their dependents at once: the CUDA one (int8 only) always, the
+    # Triton one (fp8, or quant='triton') when asked, which needs sm_90+ as PDL itself does
+    # (without the trigger PDL gained nothing: results/h200-2026-11-29b/probe_w8a8_pdl.txt)
+    from omniq.kernels.nvrtc import pdl_reason
     cuda_quant = cfg.get("quant") == "cuda" and not p.fp8
-    pdl = bool(cfg.get("pdl")) and xq is None and cuda_quant
+    pdl = bool(cfg.get("pdl")) and xq is None and pdl_reason(dev) is None
     if xq is None:
-        xq = quantize_cuda(x, False) if cuda_quant else w8a8.quantize_prepared_activation(x, p)
+        xq = quantize_cuda(x, False) if cuda_quant else w8a8.quantize_prepared_activation(x, p, early_trigger=pdl)
     q, xs, _ = xq
     if not q.is_contiguous():
         q = q.contiguous()

@@ -32,6 +32,7 @@ from omniq.kernels._common import (float_dot_dtype, interpreting, launch_grid, l
 from omniq.kernels.triton_affine import tile_counters
 
 if triton is not None:
+    from triton.language.extra.cuda import gdc_launch_dependents
     from omniq.kernels.triton_affine import _tile_epilogue
 
 LAYOUT_NAME = "triton.w8a8.v1"
@@ -189,9 +190,13 @@ if triton is not None:
     def _quant_act_kernel(x_ptr, q_ptr, s_ptr, azp_ptr, in_s_ptr, in_z_ptr,
                           K, stride_xm, stride_qm, n_kb,
                           ACT: tl.constexpr, FP8: tl.constexpr, SYM: tl.constexpr,
-                          BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
+                          BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, EARLY_TRIGGER: tl.constexpr = False):
         """One row per program: statistics, scale (and zero point), then the cast. ONE_PASS keeps
-        the whole row in registers (BLOCK_K >= K): one read of x."""
+        the whole row in registers (BLOCK_K >= K): one read of x. EARLY_TRIGGER (sm_90+ only):
+        let a kernel launched after it with Programmatic Dependent Launch start at once; that
+        kernel's griddepcontrol.wait still waits for this whole grid and its writes."""
+        if EARLY_TRIGGER:
+            gdc_launch_dependents()
         row = tl.program_id(0)
         xrow = x_ptr + row * stride_xm
         qrow = q_ptr + row * stride_qm
@@ -368,9 +373,12 @@ ONE_PASS_MAX_K = 16384   # rows up to this K stay in registers: x is read once
 
 
 def quantize_activation(x: torch.Tensor, act: int, fp8: bool, symmetric: bool = True,
-                        input_scale: torch.Tensor | None = None, input_zero_point: torch.Tensor | None = None):
+                        input_scale: torch.Tensor | None = None, input_zero_point: torch.Tensor | None = None,
+                        early_trigger: bool = False):
     """(x_q [M, K] int8 | e4m3, s_x fp32 [M] or [M, ceil(K/128)], azp fp32 [M] or None) for an
-    ACT_* mode, in one kernel launch (plus a torch amax for dynamic per-tensor)."""
+    ACT_* mode, in one kernel launch (plus a torch amax for dynamic per-tensor). early_trigger:
+    the kernel lets a Programmatic-Dependent-Launch successor start at once (sm_90+ GPUs only;
+    the caller checks, see kernels.nvrtc.pdl_reason)."""
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -387,12 +395,14 @@ def quantize_activation(x: torch.Tensor, act: int, fp8: bool, symmetric: bool = 
     bk = BLOCK if act == ACT_BLOCK else (next_pow2(k) if one_pass else 4096)
     _quant_act_kernel[(m,)](x, q, s, azp, in_s, in_z, k, x.stride(0), q.stride(0), n_kb,
                             ACT=act, FP8=fp8, SYM=symmetric, BLOCK_K=bk, ONE_PASS=one_pass,
+                            EARLY_TRIGGER=early_trigger,
                             num_warps=4 if bk <= 1024 else (8 if bk <= 4096 else 16), enable_fp_fusion=False)
     return q, s, (None if fp8 or symmetric or act in (ACT_TOKEN_DIV, ACT_STATIC_OFFSET) else azp)
 
 
-def quantize_prepared_activation(x: torch.Tensor, p: W8A8Prepared):
-    return quantize_activation(x, p.act, p.fp8, p.act_symmetric, p.input_scale, p.input_zero_point)
+def quantize_prepared_activation(x: torch.Tensor, p: W8A8Prepared, early_trigger: bool = False):
+    return quantize_activation(x, p.act, p.fp8, p.act_symmetric, p.input_scale, p.input_zero_point,
+                               early_trigger)
 
 
 # --------------------------------------------------------------------------------------------

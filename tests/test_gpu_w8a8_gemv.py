@@ -185,14 +185,16 @@ def test_pdl_and_quantizers_give_the_same_bits(key, n, k, m):
             assert torch.equal(y, first[i]), f"{sw} changed the result bits ({base})"
 
 
+@pytest.mark.parametrize("quant", ["cuda", "triton"])
 @pytest.mark.parametrize("key", ["fp8", "int8"])
-def test_pdl_layer_chain_in_a_cuda_graph(key):
+def test_pdl_layer_chain_in_a_cuda_graph(key, quant):
     """Layers whose input is the previous layer's output, each a quantizer + PDL GEMV, captured in
-    one graph: a GEMV reading activations before its quantizer finished would show up here."""
+    one graph: a GEMV reading activations before its quantizer finished would show up here. Both
+    quantizers trigger early (fp8 always takes the Triton one)."""
     sch = _scheme(key)
     n = k = 2048
     layers = [w8a8.prepare_w8a8(quantized(sch, n, k, 50 + i), GPU) for i in range(6)]
-    cfg_pdl = dict(gemv.DEFAULT, pdl=True, quant="cuda")
+    cfg_pdl = dict(gemv.DEFAULT, pdl=True, quant=quant)
     cfg_plain = dict(gemv.DEFAULT, pdl=False, quant="triton")
 
     def chain(x, cfg):
