@@ -14,6 +14,7 @@ import omniq
 from omniq.dispatch import Problem
 from omniq.dispatch.registry import get_kernel
 from omniq.kernels import cuda_w8a8_gemv as gemv
+from omniq.kernels import nvrtc
 
 KERNEL = "cuda.w8a8.gemv"
 CUDA = torch.device("cuda")
@@ -267,10 +268,12 @@ def recorded(monkeypatch):
     monkeypatch.setattr(gemv, "kernel_for", lambda defines, *a, **k: _Recorder(log, "gemv"))
     monkeypatch.setattr(gemv, "quant_kernel_for", lambda *a, **k: _Recorder(log, "quant"))
 
-    def triton_quant(x, p):
-        log.append(dict(name="triton_quant"))
+    def triton_quant(x, p, early_trigger=False):
+        log.append(dict(name="triton_quant", early_trigger=early_trigger))
         return torch.zeros(x.shape, dtype=torch.int8), torch.ones(x.shape[0]), None
     monkeypatch.setattr(w8a8, "quantize_prepared_activation", triton_quant)
+    # as on an sm_90 GPU: PDL launches are available
+    monkeypatch.setattr(nvrtc, "pdl_reason", lambda device: None)
     qw = omniq.get_scheme("int8").quantize(torch.randn(48, 4096), name="t.layer")
     return log, w8a8.prepare_w8a8(qw, torch.device("cpu"))
 
@@ -281,8 +284,10 @@ def test_run_gemv_launches_quantizer_then_gemv(recorded, quant, pdl):
     x = torch.randn(5, 4096).to(torch.bfloat16)
     gemv.run_gemv(x, p, None, cfg=dict(gemv.DEFAULT, quant=quant, pdl=pdl))
     assert [c["name"] for c in log] == [("quant" if quant == "cuda" else "triton_quant"), "gemv"]
-    # PDL only behind the CUDA quantizer, the one that lets the GEMV start early
-    assert log[1]["pdl"] is (pdl and quant == "cuda")
+    # both quantizers let a PDL GEMV start early: the Triton one only when asked to
+    assert log[1]["pdl"] is pdl
+    if quant == "triton":
+        assert log[0]["early_trigger"] is pdl
     if quant == "cuda":
         q = log[0]
         assert q["grid"] == gemv.quant_grid(5, 4096, 4) and q["block"] == (gemv.QUANT_THREADS,)
@@ -292,15 +297,21 @@ def test_run_gemv_launches_quantizer_then_gemv(recorded, quant, pdl):
         assert log[1]["args"][1] is qa and log[1]["args"][3] is sa, "the GEMV reads this call's codes and scales"
 
 
-def test_fp8_keeps_the_triton_quantizer_and_a_plain_launch(monkeypatch):
+@pytest.mark.parametrize("pdl_ok", [True, False])
+def test_fp8_keeps_the_triton_quantizer_with_its_early_trigger(monkeypatch, pdl_ok):
+    """fp8 always quantizes with Triton; with PDL available the quantizer triggers early and the
+    GEMV launches with PDL, otherwise both are plain."""
     from omniq.kernels import triton_w8a8 as w8a8
     log = []
     monkeypatch.setattr(gemv, "kernel_for", lambda defines, *a, **k: _Recorder(log, "gemv"))
-    monkeypatch.setattr(w8a8, "quantize_prepared_activation", lambda x, p: (
-        log.append(dict(name="triton_quant")) or (torch.zeros(x.shape, dtype=torch.float8_e4m3fn), torch.ones(x.shape[0]), None)))
+    monkeypatch.setattr(nvrtc, "pdl_reason", lambda device: None if pdl_ok else "compute capability 8.0 < 9.0")
+    monkeypatch.setattr(w8a8, "quantize_prepared_activation", lambda x, p, early_trigger=False: (
+        log.append(dict(name="triton_quant", early_trigger=early_trigger))
+        or (torch.zeros(x.shape, dtype=torch.float8_e4m3fn), torch.ones(x.shape[0]), None)))
     p = w8a8.prepare_w8a8(omniq.get_scheme("fp8").quantize(torch.randn(48, 4096), name="t.layer"), torch.device("cpu"))
     gemv.run_gemv(torch.randn(3, 4096).to(torch.bfloat16), p, None, cfg=dict(gemv.DEFAULT, quant="cuda", pdl=True))
-    assert [c["name"] for c in log] == ["triton_quant", "gemv"] and log[1]["pdl"] is False
+    assert [c["name"] for c in log] == ["triton_quant", "gemv"]
+    assert log[0]["early_trigger"] is pdl_ok and log[1]["pdl"] is pdl_ok
 
 
 def test_run_gemv_with_given_codes_never_uses_pdl(recorded):
