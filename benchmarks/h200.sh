@@ -3,6 +3,7 @@
 # peers (omniq's chosen kernel per M, CUDA-graph replay over rotating weight copies).
 # Run from the repository root on a CUDA machine; OUT names the output folder.
 #   STAGES="tests tune bench" (default all), BENCH_S / TEST_S / TUNE_S: time limits (s)
+#   TUNE_SCHEMES / TUNE_M: re-tune only these schemes / M values (merged into the shipped table)
 #   OMNIQ_COMMIT: the commit to record where the tree is not a git checkout (a `git archive`)
 set -u
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
@@ -20,6 +21,8 @@ SCHEMES=${SCHEMES:-gptq:bits=4:group_size=128,int8,fp8,mxfp4:activation=None,nvf
 SHAPES=${SHAPES:-8192x8192,12288x3072,3072x12288}
 MS=${BENCH_M:-1,16,64,512,2048}
 if [[ " $STAGES " == *" tune "* ]]; then
+  # a re-tune of some schemes (TUNE_SCHEMES) merges into the shipped table, keeping the others
+  [ -n "${TUNE_SCHEMES:-}" ] && cp omniq/dispatch/tuning/nvidia-h200.json "$OUT/"
   timeout ${TUNE_S:-150} python3 -m omniq tune --device cuda --schemes "${TUNE_SCHEMES:-$SCHEMES}" --shapes "$SHAPES" \
       --m "${TUNE_M:-$MS}" \
       --output "$OUT/nvidia-h200.json" > "$OUT/tune.log" 2>&1

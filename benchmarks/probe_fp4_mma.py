@@ -28,6 +28,7 @@ ap.add_argument("--pf", default="1,2")        # forced prefetch depths (default:
 ap.add_argument("--old", help="another module with run(x, prepared, bias) on the same layout, timed too")
 args = ap.parse_args()
 dev = torch.device("cuda")
+defaults = (fp4.TARGET_CTAS, fp4.PREFETCH)
 rows = []
 kern = get_kernel("cuda.fp4.mma_gemv")
 splitk = get_kernel("triton.fp4.splitk")
@@ -56,7 +57,7 @@ for name in args.schemes.split(","):
                     err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
                     row[f"mma_{tgt}_{pf}_us"] = bench([lambda p_=p_: kern.run(x, p_, None) for p_ in preps])
                     row["mma_err"] = max(err, row.get("mma_err", 0.0))
-            fp4.TARGET_CTAS, fp4.PREFETCH = 528, None
+            fp4.TARGET_CTAS, fp4.PREFETCH = defaults
             if args.old:
                 old = importlib.import_module(args.old)
                 row["old_us"] = bench([lambda p_=p_: old.run(x, p_, None) for p_ in preps])

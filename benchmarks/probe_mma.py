@@ -28,6 +28,7 @@ ap.add_argument("--min-blocks", default="0,6")
 ap.add_argument("--old", help="another module with run(x, prepared, bias) on the same layout, timed too")
 args = ap.parse_args()
 dev = torch.device("cuda")
+defaults = (mma.TARGET_CTAS, mma.ROW_TILES, mma.MIN_BLOCKS, mma.TUNED)
 rows = []
 sch = omniq.get_scheme("gptq", bits=4, group_size=128, sym=False)
 for n, k in [(8192, 8192), (12288, 3072), (3072, 12288)]:
@@ -52,13 +53,15 @@ for n, k in [(8192, 8192), (12288, 3072), (3072, 12288)]:
         for rt in [int(v) for v in args.row_tiles.split(",")]:
             for minb in [int(v) for v in args.min_blocks.split(",")]:
                 for tgt in [int(v) for v in args.targets.split(",")]:
-                    mma.TARGET_CTAS, mma.ROW_TILES, mma.MIN_BLOCKS = tgt, rt, minb
+                    mma.TARGET_CTAS, mma.ROW_TILES, mma.MIN_BLOCKS, mma.TUNED = tgt, rt, minb, {}
                     y = kern.run(x, base, None)
                     err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
                     t = bench([lambda p_=p_: kern.run(x, p_, None) for p_ in preps])
                     row[f"mma_rt{rt}_b{minb}_{tgt}_us"] = t
                     row["mma_err"] = max(err, row.get("mma_err", 0.0))
-        mma.TARGET_CTAS, mma.ROW_TILES, mma.MIN_BLOCKS = 528, 1, 0
+        mma.TARGET_CTAS, mma.ROW_TILES, mma.MIN_BLOCKS, mma.TUNED = defaults
+        # what run() does: the defaults with TUNED applied
+        row["default_us"] = bench([lambda p_=p_: kern.run(x, p_, None) for p_ in preps])
         if args.old:
             old = importlib.import_module(args.old)
             row["old_us"] = bench([lambda p_=p_: old.run(x, p_, None) for p_ in preps])

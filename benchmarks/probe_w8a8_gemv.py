@@ -12,8 +12,7 @@ probe_int.py. One line per (scheme, shape, M, config):
   q:triton q:cuda the activation quantizer alone (Triton, one CTA per row / CUDA, several per row)
   kernel          the GEMV alone on an already quantized activation (plain launch)
   tri             the previous whole call: Triton quantizer, plain GEMV launch
-  tri+pdl         asks for PDL behind the Triton quantizer: run_gemv launches plainly there (the
-                  Triton kernel sends no early trigger, so PDL gained nothing when measured)
+  tri+pdl         Triton quantizer with its early trigger (sm_90+), PDL GEMV
   cuda            CUDA quantizer (int8 only; fp8 falls back to Triton), plain GEMV launch
   cuda+pdl        CUDA quantizer (lets dependents launch at once), PDL GEMV
   default         omniq.linear with the kernel pinned (what the dispatcher runs)

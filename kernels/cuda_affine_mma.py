@@ -11,10 +11,12 @@ and two byte-permutes per register pair, so no shared memory and no layout shuff
 Group scales (group size a multiple of 128, or one group) multiply the fp32 block sums, so the
 dot is exact in fp32. A tile of 8 x rows per MMA: M <= 8 takes one, M <= 16 two.
 
-Measured on the H200 (benchmarks/results/h200-2026-11-29/probe_mma_*.json): 1.40-1.65x the bf16
-matmul at M = 1 and 1.24-1.43x at M = 8; at M = 16 (two MMA tiles, 128 registers) the Triton
-split-K kernel is faster and the tuning table picks it. Loading the next block's scales and zero
-points with its weights (more registers) and prefetching two blocks ahead were both slower.
+Measured on the H200 (benchmarks/results/h200-2026-11-29d/probe_mma.txt): 1.72-1.88x the bf16
+matmul at M = 1 and 1.40-1.57x at M = 8, 10-15 % faster than the previous version, whose loop
+copied the prefetch buffer and found the scale group by an integer division; at M = 16 (two MMA
+tiles) the Triton split-K kernel is faster and the dispatcher picks it. Two 16-row tiles per
+warp (ROW_TILES = 2, sharing each x fragment) were slower at every M <= 8. Loading the next
+block's scales and zero points with its weights, and prefetching two blocks ahead, were slower.
 
 Split-K across CTAs fills the 132 SMs when N is small: each CTA parks its fp32 partial in a
 workspace and the last to arrive (an atomic counter per tile) sums the splits in order.
@@ -211,6 +213,19 @@ SIGNATURE = "p" * 8 + "i" * 10
 MAX_M = 16
 ROW_TILES = 1       # 16-row tiles per warp (1 or 2): two share each x fragment between them
 MIN_BLOCKS = 0      # __launch_bounds__ minimum CTAs per SM (0: none; 6 caps registers at 80)
+# Launch choices measured better than the defaults for one (N, K, MMA token tiles), H200
+# (benchmarks/results/h200-2026-11-29d/probe_mma.txt). A few row tiles over a long K want more,
+# smaller splits, and 6 resident CTAs per SM to run them in one wave.
+TUNED: dict = {
+    (3072, 12288, 1): dict(target_ctas=792, min_blocks=6),   # M = 1: 12.2 us vs 13.6 us default
+}
+
+
+def launch_choice(m: int, n: int, k: int) -> dict:
+    """target_ctas, row_tiles and min_blocks for an M x N x K call: the module defaults, then TUNED."""
+    cfg = dict(target_ctas=TARGET_CTAS, row_tiles=ROW_TILES, min_blocks=MIN_BLOCKS)
+    cfg.update(TUNED.get((n, k, 1 if m <= 8 else 2), {}))
+    return cfg
 
 _VARIANTS: dict = {}
 
@@ -272,11 +287,13 @@ def run(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
         x = torch.nn.functional.pad(x, (0, 4 - k % 4))
     x = cuda_common.checked_input("cuda.affine.mma_gemv", p, x, unsupported, MAX_M)
     m, n, kw = x.shape[0], p.n, p.qweight.shape[1]
-    rt = ROW_TILES
-    tiles, splits, bps, mt = launch_config(m, n, kw, TARGET_CTAS, rt)
+    cfg = launch_choice(m, n, k)
+    rt = cfg["row_tiles"]
+    tiles, splits, bps, mt = launch_config(m, n, kw, cfg["target_ctas"], rt)
     y, ws, cnt, bias = cuda_common.outputs(x, n, splits, tiles, bias)
     gmode, gshift = group_args(p)
-    kern = variant(x.dtype == torch.bfloat16, mt, p.zmode, p.scales.dtype, bias is not None, rt, gmode)
+    kern = variant(x.dtype == torch.bfloat16, mt, p.zmode, p.scales.dtype, bias is not None, rt, gmode,
+                   cfg["min_blocks"])
     kern(x.device, (tiles, splits), (128,),
          [x, p.qweight, p.scales, p.zeros, bias, y, ws, cnt,
           m, n, k, kw, gshift, p.n_groups, x.stride(0), p.zc, bps, splits])

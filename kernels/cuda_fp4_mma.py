@@ -219,16 +219,18 @@ extern "C" __global__ void __launch_bounds__(128) fp4_mma_gemv(
 SIGNATURE = "p" * 8 + "i" * 7 + "f"
 MAX_M = 16
 STEP_BYTES = 64           # bytes of a row per K step of a warp (128 K)
-# K steps requested ahead of the one being multiplied (1 or 2); None: 2 for one m tile, 1 for two
-# (two tiles with depth 2 take ~165 registers: 3 CTAs per SM instead of the 4 TARGET_CTAS assumes)
-PREFETCH = None
+# K steps requested ahead of the one being multiplied (1 or 2). With the buffers used in turn,
+# depth 1 was faster at M = 1 and 8 on 8192^2 and 12288x3072 (7-13 %) and within 3 % on 3072x12288
+# (H200, benchmarks/results/h200-2026-11-29d/probe_fp4_mma.txt); two m tiles with depth 2 take
+# ~165 registers: 3 CTAs per SM instead of the 4 TARGET_CTAS assumes
+PREFETCH = 1
 
 _VARIANTS: dict = {}
 
 
 def variant(bf16: bool, mt: int, fmt: int, h: int, has_bias: bool, pf: int | None = None) -> NvrtcKernel:
     if pf is None:
-        pf = PREFETCH if PREFETCH is not None else (2 if mt == 1 else 1)
+        pf = PREFETCH
     key = (bf16, mt, fmt, h, has_bias, pf)
     k = _VARIANTS.get(key)
     if k is None:

@@ -56,15 +56,17 @@ def int4_cases(draw):
 @given(data=st.data())
 def test_mma_gemv_against_reference(data):
     rt = data.draw(st.sampled_from((1, 2)))
+    minb = data.draw(st.sampled_from((0, 6)))
     sch, n, k = data.draw(int4_cases())
     qw = quantized(sch, n, k, data.draw(st.integers(0, 2**31 - 1)))
     x = data.draw(activations(k, 16, dtypes=HALF)).to(GPU)
     bias = None if data.draw(st.booleans()) else make_tensor((n,), "normal", 1).to(GPU, x.dtype)
-    mma.ROW_TILES = rt          # a module setting: put back whatever happens
+    saved = mma.ROW_TILES, mma.MIN_BLOCKS   # module settings: put back whatever happens
+    mma.ROW_TILES, mma.MIN_BLOCKS = rt, minb
     try:
         _check(sch, qw, x, bias)
     finally:
-        mma.ROW_TILES = 1
+        mma.ROW_TILES, mma.MIN_BLOCKS = saved
 
 
 @pytest.mark.gpu
@@ -97,6 +99,15 @@ def test_launch_config_covers_every_row_and_block(m, n, blocks, rt):
     assert tiles * rows >= n > (tiles - 1) * rows
     assert splits * bps >= blocks > (splits - 1) * bps  # every K block once, no empty split
     assert mt * 8 >= m
+
+
+def test_launch_choice_applies_tuned_only_to_its_shape(monkeypatch):
+    monkeypatch.setattr(mma, "TUNED", {(3072, 12288, 1): dict(target_ctas=792, min_blocks=6)})
+    default = dict(target_ctas=mma.TARGET_CTAS, row_tiles=mma.ROW_TILES, min_blocks=mma.MIN_BLOCKS)
+    assert mma.launch_choice(1, 3072, 12288) == dict(default, target_ctas=792, min_blocks=6)
+    assert mma.launch_choice(8, 3072, 12288) == mma.launch_choice(1, 3072, 12288)
+    assert mma.launch_choice(9, 3072, 12288) == default      # two MMA token tiles: not measured
+    assert mma.launch_choice(1, 12288, 3072) == default
 
 
 def test_static_order_hands_m_above_8_to_splitk():
