@@ -17,6 +17,7 @@ from probe_int import bench, copies_for  # noqa: E402
 
 import omniq  # noqa: E402
 from omniq.dispatch import get_kernel  # noqa: E402
+from omniq.dispatch.rotation import clone_prepared  # noqa: E402
 from omniq.kernels import cuda_fp4_mma as fp4  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -41,7 +42,7 @@ for name in args.schemes.split(","):
         base = kern.layout.prepare(qw, dev)
         nb = sum(t.numel() * t.element_size() for t in (base.qweight, base.scales))
         c = min(8, copies_for(nb))
-        preps = [base] + [kern.layout.prepare(qw, dev) for _ in range(c - 1)]
+        preps = [base] + [clone_prepared(base) for _ in range(c - 1)]
         cb = min(8, copies_for(wb.numel() * 2))
         wbs = [wb] + [wb.clone() for _ in range(cb - 1)]
         wq = sch.dequantize(qw).to(dev, torch.bfloat16)

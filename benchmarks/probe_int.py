@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from omniq.dispatch.rotation import clone_prepared
+
 SHAPES = [(8192, 8192), (12288, 3072), (3072, 12288)]
 
 
@@ -129,6 +131,14 @@ def int4_candidates(m):
                                       (64, 4, 4, 1, 4), (128, 4, 3, 0, 1)]:
             out.append(("splitk", dict(BLOCK_N=bn, BLOCK_M=bm, num_warps=w, num_stages=st, ASM=bool(asm),
                                        waves=waves, GROUP_N=1)))
+    if 32 <= m <= 64:
+        # the M = 64 profile (h200-2026-11-29d/ncu.txt): 128 x 64 tiles on 4 warps take 253
+        # registers, one CTA per SM, 14 % of DRAM; smaller M tiles (the weight tile then read once
+        # per M tile, the second time from L2), more warps or fewer stages trade that back
+        for bn, bmx, w, st, waves in [(128, 32, 4, 3, 2), (64, 32, 4, 3, 2), (64, 64, 8, 3, 2),
+                                      (128, 64, 4, 2, 2), (64, 64, 4, 2, 4), (128, 32, 4, 3, 1)]:
+            out.append(("splitk", dict(BLOCK_N=bn, BLOCK_M=min(bmx, bm), num_warps=w, num_stages=st, ASM=True,
+                                       waves=waves, GROUP_N=1)))
     if m >= 64:
         for bn, bm, w, st, asm in [(128, 128, 8, 3, 1), (128, 64, 4, 3, 1), (256, 128, 8, 3, 1), (128, 128, 8, 3, 0)]:
             out.append(("gemm", dict(BLOCK_N=bn, BLOCK_M=min(bm, max(16, m)), num_warps=w, num_stages=st,
@@ -168,7 +178,7 @@ def probe_int4(rec, shapes, ms, schemes=(("gptq", dict(bits=4, group_size=128, s
             p0 = A.prepare_affine(qw, dev)
             wb = sch.dequantize(qw).to(dev, torch.bfloat16)
             reps = copies_for(p0.qweight.numel() * 4)
-            ps = [p0] + [A.prepare_affine(qw, dev) for _ in range(reps - 1)]
+            ps = [p0] + [clone_prepared(p0) for _ in range(reps - 1)]
             wbs = [wb] + [wb.clone() for _ in range(copies_for(wb.numel() * 2) - 1)]
             try:
                 tps = [C.prepare_tinygemm(qw, dev)]
@@ -214,7 +224,7 @@ def probe_w8(rec, which, shapes, ms):
         p0 = W.prepare_w8a8(qw, dev)
         wb = sch.dequantize(qw).to(dev, torch.bfloat16)
         reps = copies_for(n * k)
-        ps = [p0] + [W.prepare_w8a8(qw, dev) for _ in range(reps - 1)]
+        ps = [p0] + [clone_prepared(p0) for _ in range(reps - 1)]
         wbs = [wb] + [wb.clone() for _ in range(copies_for(wb.numel() * 2) - 1)]
         for m in ms:
             if rec.left() < 10:

@@ -17,6 +17,7 @@ from probe_int import bench, copies_for  # noqa: E402
 
 import omniq  # noqa: E402
 from omniq.dispatch import get_kernel  # noqa: E402
+from omniq.dispatch.rotation import clone_prepared  # noqa: E402
 from omniq.kernels import cuda_affine_mma as mma  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -39,7 +40,7 @@ for n, k in [(8192, 8192), (12288, 3072), (3072, 12288)]:
     base = kern.layout.prepare(qw, dev)
     nb = sum(t.numel() * t.element_size() for t in (base.qweight, base.scales, base.zeros) if t is not None)
     c = min(8, copies_for(nb))
-    preps = [base] + [kern.layout.prepare(qw, dev) for _ in range(c - 1)]
+    preps = [base] + [clone_prepared(base) for _ in range(c - 1)]
     cb = min(8, copies_for(wb.numel() * 2))
     wbs = [wb] + [wb.clone() for _ in range(cb - 1)]
     tg = get_kernel("cuda.int4.tinygemm")

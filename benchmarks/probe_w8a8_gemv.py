@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from omniq.dispatch.rotation import clone_prepared
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from probe_int import bench, copies_for  # noqa: E402
 
@@ -80,7 +82,8 @@ def table(ms, names, out_path, budget):
                 return rows
             sch, qw, reps = _setup(name, n, k)
             wdq = sch.dequantize(qw).to(DEV)
-            gp = [omniq.prepare(qw, DEV, torch.bfloat16, kernel="cuda.w8a8.gemv") for _ in range(reps)]
+            gp = [omniq.prepare(qw, DEV, torch.bfloat16, kernel="cuda.w8a8.gemv")]
+            gp += [clone_prepared(gp[0]) for _ in range(reps - 1)]
             for m in ms:
                 if time.time() - t0 > budget:
                     print("budget spent")
@@ -140,7 +143,8 @@ def sweep(names, modes, budget):
     for n, k in SHAPES:
         for name in names:
             sch, qw, reps = _setup(name, n, k)
-            ps = [W.prepare_w8a8(qw, DEV) for _ in range(reps)]
+            ps = [W.prepare_w8a8(qw, DEV)]
+            ps += [clone_prepared(ps[0]) for _ in range(reps - 1)]
             for m in (1, 16):
                 x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
                 ref = sch.matmul(x.cpu(), qw).float()

@@ -47,10 +47,8 @@ Results carry the device name, the date, the git commit and the timing method. S
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import datetime
-import enum
 import json
 import math
 import os
@@ -61,7 +59,6 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -70,6 +67,7 @@ import torch.nn.functional as F
 import omniq
 from omniq.cli import TUNE_M, TUNE_SHAPES, _value, default_device
 from omniq.dispatch import Problem, candidates
+from omniq.dispatch.rotation import clone_prepared, prepared_nbytes, prepared_tensors  # noqa: F401 - tests read them here
 from omniq.dispatch.select import capture_graph
 
 # Every registered family with its common parameters (DiT / LLM checkpoints as published).
@@ -213,106 +211,6 @@ def choose_inner(round_us: float, copies: int, target_us: float = GRAPH_TARGET_U
     cap = max(1, max_calls // max(copies, 1))
     need = math.ceil(target_us / max(round_us, 1e-3))
     return max(1, min(cap, need))
-
-
-def _is_leaf(obj) -> bool:
-    """Values clone_prepared shares as they are (nothing inside them is a tensor we should copy)."""
-    return (obj is None or isinstance(obj, (str, bytes, int, float, complex, bool, torch.dtype, torch.device,
-                                            type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
-                                            types.MethodType, enum.Enum, range, slice))
-            or callable(obj) and not hasattr(obj, "__dict__") and not dataclasses.is_dataclass(obj))
-
-
-def _fields(obj) -> dict:
-    """The attributes of a dataclass / plain object, including dataclass slots."""
-    out = dict(vars(obj)) if hasattr(obj, "__dict__") else {}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            if f.name not in out and hasattr(obj, f.name):
-                out[f.name] = getattr(obj, f.name)
-    return out
-
-
-def _clone(obj, memo: dict, depth: int):
-    if isinstance(obj, torch.Tensor):
-        if id(obj) not in memo:  # one tensor held twice stays one tensor in the copy
-            c = obj.detach().clone()
-            if isinstance(obj, torch.nn.Parameter):
-                c = torch.nn.Parameter(c, requires_grad=obj.requires_grad)
-            memo[id(obj)] = c
-        return memo[id(obj)]
-    if depth <= 0 or _is_leaf(obj):
-        return obj
-    if id(obj) in memo:
-        return memo[id(obj)]
-    memo[id(obj)] = obj  # a cycle back to obj shares it rather than recursing forever
-    if isinstance(obj, (list, tuple)):
-        items = [_clone(v, memo, depth - 1) for v in obj]
-        if all(a is b for a, b in zip(items, obj)):
-            out = obj
-        elif isinstance(obj, list):
-            out = type(obj)(items) if type(obj) is not list else items
-        elif hasattr(obj, "_fields"):  # a namedtuple
-            out = type(obj)(*items)
-        else:
-            out = type(obj)(items)
-    elif isinstance(obj, dict):
-        items = {k: _clone(v, memo, depth - 1) for k, v in obj.items()}
-        if all(items[k] is obj[k] for k in obj):
-            out = obj
-        else:
-            out = copy.copy(obj)
-            out.update(items)
-    else:
-        attrs = _fields(obj)
-        new = {k: _clone(v, memo, depth - 1) for k, v in attrs.items()}
-        changed = {k: v for k, v in new.items() if v is not attrs[k]}
-        if not changed:
-            out = obj
-        else:
-            out = copy.copy(obj)
-            for k, v in changed.items():
-                object.__setattr__(out, k, v)  # frozen dataclasses too
-    memo[id(obj)] = out
-    return out
-
-
-def clone_prepared(obj, max_depth: int = 8):
-    """A copy of a prepared layout object in which every torch.Tensor reachable through dataclass
-    fields, __dict__, tuples, lists and dicts is a fresh `.clone()`; other values (ints, schemes,
-    dtypes, functions) are shared, and an object holding no tensor is returned as it is. Cloning
-    is how --graph makes the rotating copies of a kernel's weight: faster than re-preparing."""
-    return _clone(obj, {}, max_depth)
-
-
-def prepared_tensors(obj, max_depth: int = 8) -> list:
-    """The distinct tensors clone_prepared would copy (reached the same way)."""
-    seen: dict[int, torch.Tensor] = {}
-    visited: set[int] = set()
-
-    def walk(o, depth):
-        if isinstance(o, torch.Tensor):
-            seen.setdefault(id(o), o)
-            return
-        if depth <= 0 or _is_leaf(o) or id(o) in visited:
-            return
-        visited.add(id(o))
-        if isinstance(o, (list, tuple)):
-            vals = o
-        elif isinstance(o, dict):
-            vals = o.values()
-        else:
-            vals = _fields(o).values()
-        for v in vals:
-            walk(v, depth - 1)
-
-    walk(obj, max_depth)
-    return list(seen.values())
-
-
-def prepared_nbytes(obj) -> int:
-    """Bytes of the tensors in a prepared object (what one rotating copy adds)."""
-    return sum(t.numel() * t.element_size() for t in prepared_tensors(obj))
 
 
 class Timer:

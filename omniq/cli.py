@@ -158,7 +158,8 @@ def cmd_tune(args, extra) -> int:
     from omniq.dispatch import tuning
     from omniq.dispatch.kernel import Problem
     from omniq.dispatch.registry import all_kernels
-    from omniq.dispatch.select import prepared_nbytes, rejection, rotation_copies, trial
+    from omniq.dispatch.rotation import rotating_copies
+    from omniq.dispatch.select import rejection, trial
     device = torch.device(args.device)
     common = scheme_params(extra)
     schemes = [scheme_from_spec(s, common) for s in args.schemes.split(",")]
@@ -179,9 +180,7 @@ def cmd_tune(args, extra) -> int:
                     if kern.layout.name not in layouts:
                         # copies to rotate over: a weight that fits in L2 would otherwise be timed
                         # L2-hot, which favours compute-heavy kernels at decode-size M
-                        first = kern.layout.prepare(qw, device)
-                        extra = rotation_copies(prepared_nbytes(first), device) - 1
-                        layouts[kern.layout.name] = [first] + [kern.layout.prepare(qw, device) for _ in range(extra)]
+                        layouts[kern.layout.name] = rotating_copies(kern.layout.prepare(qw, device), device)
                 times = trial(problem, cands, layouts, save=False)
                 done += 1
                 if times:

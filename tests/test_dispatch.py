@@ -314,9 +314,26 @@ def test_rotation_copies_and_prepared_bytes():
         b: torch.Tensor
         n: int = 3
 
-    assert select.prepared_nbytes(Prep(torch.zeros(4, 8), torch.zeros(2, dtype=torch.int8))) == 4 * 8 * 4 + 2
-    assert select.prepared_nbytes(torch.zeros(5, dtype=torch.float16)) == 10
-    assert select.rotation_copies(1 << 20, torch.device("cpu")) == 1   # no L2 to escape off CUDA
+    from omniq.dispatch import rotation
+    assert rotation.prepared_nbytes(Prep(torch.zeros(4, 8), torch.zeros(2, dtype=torch.int8))) == 4 * 8 * 4 + 2
+    assert rotation.prepared_nbytes(torch.zeros(5, dtype=torch.float16)) == 10
+    assert rotation.rotation_copies(1 << 20, torch.device("cpu")) == 1   # no L2 to escape off CUDA
+
+
+def test_rotating_copies_own_their_memory_when_prepare_adopts_the_weight(monkeypatch):
+    """The W8A8 layout adopts a weight already on the device as it is, so preparing it again is no
+    copy; the tuner's rotation must still read distinct memory (it once timed fp8 L2-hot)."""
+    from omniq.dispatch import rotation
+    from omniq.kernels import triton_w8a8
+    qw = omniq.get_scheme("fp8").quantize(torch.randn(64, 128), name="t.layer")
+    dev = torch.device("cpu")
+    assert triton_w8a8.prepare_w8a8(qw, dev).weight.data_ptr() == triton_w8a8.prepare_w8a8(qw, dev).weight.data_ptr()
+    monkeypatch.setattr(rotation, "rotation_copies", lambda nbytes, device, cap=8: 3)
+    first = triton_w8a8.prepare_w8a8(qw, dev)
+    copies = rotation.rotating_copies(first, dev)
+    assert len(copies) == 3 and copies[0] is first
+    assert len({c.weight.data_ptr() for c in copies}) == 3 and len({c.w_scale.data_ptr() for c in copies}) == 3
+    assert all(torch.equal(c.weight.float(), first.weight.float()) and c.n == first.n for c in copies)
 
 
 def test_tune_cli_writes_a_table_on_cpu(tmp_path):

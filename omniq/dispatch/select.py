@@ -173,22 +173,6 @@ def time_kernel(kernel: Kernel, x: torch.Tensor, prepared, reps: int = 10, warmu
     return samples[len(samples) // 2]
 
 
-def prepared_nbytes(prepared) -> int:
-    """Bytes of the tensors a prepared weight holds (its dataclass fields, or itself)."""
-    if isinstance(prepared, torch.Tensor):
-        return prepared.numel() * prepared.element_size()
-    fields = vars(prepared).values() if hasattr(prepared, "__dict__") else ()
-    return sum(t.numel() * t.element_size() for t in fields if isinstance(t, torch.Tensor))
-
-
-def rotation_copies(nbytes: int, device: torch.device, cap: int = 8) -> int:
-    """Weight copies that together exceed 3x the L2 cache (1 off CUDA), at most `cap`."""
-    if device.type != "cuda" or nbytes <= 0:
-        return 1
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    return max(1, min(cap, -(-3 * l2 // nbytes)))
-
-
 def capture_graph(fns, device: torch.device, rounds: int = 1):
     """A CUDA graph of `rounds` passes over the callables `fns` (each warmed up once on a side
     stream first, as capture requires; a first call may set up per-object state), replayed once,
