@@ -12,7 +12,7 @@ Group scales (group size a multiple of 128, or one group) multiply the fp32 bloc
 dot is exact in fp32. A tile of 8 x rows per MMA: M <= 8 takes one, M <= 16 two.
 
 Measured on the H200 (benchmarks/results/h200-2026-11-29d/probe_mma.txt): 1.72-1.88x the bf16
-matmul at M = 1 and 1.40-1.57x at M = 8, 10-15 % faster than the previous version, whose loop
+matmul at M = 1 and 1.40-1.57x at M = 8, in 8-15 % less time than the previous version, whose loop
 copied the prefetch buffer and found the scale group by an integer division; at M = 16 (two MMA
 tiles) the Triton split-K kernel is faster and the dispatcher picks it. Two 16-row tiles per
 warp (ROW_TILES = 2, sharing each x fragment) were slower at every M <= 8. Loading the next
