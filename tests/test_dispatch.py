@@ -336,6 +336,27 @@ def test_rotating_copies_own_their_memory_when_prepare_adopts_the_weight(monkeyp
     assert all(torch.equal(c.weight.float(), first.weight.float()) and c.n == first.n for c in copies)
 
 
+def test_tune_times_each_layout_over_distinct_copies(tmp_path, monkeypatch):
+    """`omniq tune` hands the trial copies that own their memory (here 3, as on a GPU whose L2 the
+    weight fits), also for the W8A8 layout, whose prepare adopts the weight as it is."""
+    from omniq import cli
+    from omniq.dispatch import rotation
+    monkeypatch.setattr(rotation, "rotation_copies", lambda nbytes, device, cap=8: 3)
+    seen = {}
+
+    def fake_trial(problem, cands, prepared_for, save=True):
+        seen.update(prepared_for)
+        return {c.name: 1.0 for c in cands}
+    monkeypatch.setattr(select, "trial", fake_trial)
+    assert cli.main(["tune", "--device", "cpu", "--schemes", "fp8", "--shapes", "32x64", "--m", "1",
+                     "--output", str(tmp_path / "t.json")]) == 0
+    assert "triton.w8a8.v1" in seen or "cpu.fp8" in seen
+    for name, copies in seen.items():
+        assert isinstance(copies, list) and len(copies) == 3, name
+        ptrs = [{t.data_ptr() for t in rotation.prepared_tensors(c) if t.numel()} for c in copies]
+        assert not (ptrs[0] & ptrs[1]) and not (ptrs[0] & ptrs[2]) and not (ptrs[1] & ptrs[2]), name
+
+
 def test_tune_cli_writes_a_table_on_cpu(tmp_path):
     out = tmp_path / "t.json"
     r = subprocess.run([sys.executable, "-m", "omniq", "tune", "--device", "cpu", "--schemes", "int8",
