@@ -306,4 +306,6 @@ def all_variants() -> list[NvrtcKernel]:
             for sd in (torch.float16, torch.bfloat16, torch.float32) for hb in (False, True)] + \
         [variant(bf, mt, zm, torch.float16, hb, rt, gm) for bf in (True, False) for mt in (1, 2) for zm in (0, 1)
          for hb in (False, True) for rt in (1, 2) for gm in (0, 1) if (rt, gm) != (1, 1)] + \
-        [variant(bf, 1, zm, torch.float16, False, 1, 1, 6) for bf in (True, False) for zm in (0, 1)]
+        [variant(bf, 1, zm, torch.float16, hb, 1, gm, minb) for bf in (True, False) for zm in (0, 1)
+         for hb in (False, True) for gm in (0, 1)
+         for minb in sorted({6} | {c["min_blocks"] for c in TUNED.values() if c.get("min_blocks")})]
