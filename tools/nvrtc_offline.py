@@ -56,27 +56,36 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
+def cubin_report(cubin: bytes) -> dict:
+    """Registers / local (spill) / shared memory of a cubin's kernel, its SASS instruction count and
+    a hash of that SASS (cuobjdump)."""
+    tool = _cuobjdump()
+    with tempfile.TemporaryDirectory() as tmp:
+        cub = os.path.join(tmp, "k.cubin")
+        with open(cub, "wb") as f:
+            f.write(cubin)
+        res = subprocess.run([tool, "-res-usage", cub], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", cub], capture_output=True, text=True).stdout
+    code = [ln.split("*/", 1)[1].strip() for ln in sass.splitlines() if ln.strip().startswith("/*") and "*/" in ln]
+    usage = " ".join(w for w in res.split() if w.startswith(("REG:", "LOCAL:", "SHARED:")))
+    # (each instruction's encoding line leaves an empty entry: kept in the hash, as before)
+    return {"usage": usage, "instructions": sum(1 for c in code if c),
+            "hash": hashlib.md5("\n".join(code).encode()).hexdigest()[:12]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("modules", nargs="+", help="module names under omniq.kernels")
     ap.add_argument("--hashes", help="write {variant: SASS hash} here")
     args = ap.parse_args()
-    lib, tool, hashes = _lib(), _cuobjdump(), {}
-    with tempfile.TemporaryDirectory() as tmp:
-        cub = os.path.join(tmp, "k.cubin")
-        for mod in args.modules:
-            for k in importlib.import_module(f"omniq.kernels.{mod}").all_variants():
-                with open(cub, "wb") as f:
-                    f.write(compile_cubin(lib, k.source, k.name))
-                res = subprocess.run([tool, "-res-usage", cub], capture_output=True, text=True).stdout
-                sass = subprocess.run([tool, "-sass", cub], capture_output=True, text=True).stdout
-                code = [ln.split("*/", 1)[1].strip() for ln in sass.splitlines()
-                        if ln.strip().startswith("/*") and "*/" in ln]
-                defines = ";".join(ln[8:] for ln in k.source.splitlines() if ln.startswith("#define") and len(ln) < 40)
-                key = f"{mod}|{k.name}|{defines}"
-                hashes[key] = hashlib.md5("\n".join(code).encode()).hexdigest()[:12]
-                usage = " ".join(w for w in res.split() if w.startswith(("REG:", "LOCAL:", "SHARED:")))
-                print(f"{key}: {usage} sass {hashes[key]}")
+    lib, hashes = _lib(), {}
+    for mod in args.modules:
+        for k in importlib.import_module(f"omniq.kernels.{mod}").all_variants():
+            rep = cubin_report(compile_cubin(lib, k.source, k.name))
+            defines = ";".join(ln[8:] for ln in k.source.splitlines() if ln.startswith("#define") and len(ln) < 40)
+            key = f"{mod}|{k.name}|{defines}"
+            hashes[key] = rep["hash"]
+            print(f"{key}: {rep['usage']} sass {hashes[key]}")
     if args.hashes:
         with open(args.hashes, "w") as f:
             json.dump(hashes, f, indent=0, sort_keys=True)
