@@ -202,10 +202,26 @@ def dequantize_prepared(p: AffinePrepared) -> torch.Tensor:
     return wf
 
 
+def _lop3_slots_ptx(magic: int, one: int, fma: str) -> str:
+    """PTX of _lop3_slots: a 32-bit word of 4-bit codes -> 8 halves (u - z). Per nibble pair one
+    lop3 puts u under `magic`'s exponent (magic + u, exactly), one packed fma by `one` adds
+    $9 = -(magic + z) twice; outputs $0..$3 are the low halves of the four pairs, $4..$7 the high."""
+    lines = ["{", ".reg .b32 s, t0, t1, t2, t3, one;", f"mov.b32 one, 0x{one:04X}{one:04X};",
+             f"lop3.b32 t0, $8, 0x000f000f, 0x{magic:04x}{magic:04x}, 0xea;"]
+    for i in (1, 2, 3):
+        lines += [f"shr.u32 s, $8, {4 * i};", f"lop3.b32 t{i}, s, 0x000f000f, 0x{magic:04x}{magic:04x}, 0xea;"]
+    lines += [f"{fma} t{i}, t{i}, one, $9;" for i in range(4)]
+    lines += [f"mov.b32 {{${i}, ${i + 4}}}, t{i};" for i in range(4)]
+    return "\n".join(lines + ["}"])
+
+
 # --------------------------------------------------------------------------------------------
 # Split-K bookkeeping shared by every split-K kernel of omniq's Triton backends
 # --------------------------------------------------------------------------------------------
 if triton is not None:
+    # bf16: 0x4300 is 128 (u sits in the mantissa's low bits); fp16: 0x6400 is 1024
+    _LOP3_SLOTS_BF16 = tl.constexpr(_lop3_slots_ptx(0x4300, 0x3F80, "fma.rn.bf16x2"))
+    _LOP3_SLOTS_F16 = tl.constexpr(_lop3_slots_ptx(0x6400, 0x3C00, "fma.rn.f16x2"))
 
     @triton.jit
     def _tile_epilogue(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, offs_n, offs_m, N, M, stride_ym,
@@ -259,51 +275,11 @@ if triton is not None:
         PTX lop3 + one fma per pair (no conversion instructions). `neg` holds -(magic + z) twice
         (bf16x2 / f16x2 bits). NVIDIA only."""
         if BF16:
-            return tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 s, t0, t1, t2, t3, one;
-                mov.b32 one, 0x3F803F80;
-                lop3.b32 t0, $8, 0x000f000f, 0x43004300, 0xea;
-                shr.u32 s, $8, 4;
-                lop3.b32 t1, s, 0x000f000f, 0x43004300, 0xea;
-                shr.u32 s, $8, 8;
-                lop3.b32 t2, s, 0x000f000f, 0x43004300, 0xea;
-                shr.u32 s, $8, 12;
-                lop3.b32 t3, s, 0x000f000f, 0x43004300, 0xea;
-                fma.rn.bf16x2 t0, t0, one, $9;
-                fma.rn.bf16x2 t1, t1, one, $9;
-                fma.rn.bf16x2 t2, t2, one, $9;
-                fma.rn.bf16x2 t3, t3, one, $9;
-                mov.b32 {$0, $4}, t0;
-                mov.b32 {$1, $5}, t1;
-                mov.b32 {$2, $6}, t2;
-                mov.b32 {$3, $7}, t3;
-                }""",
-                constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r",
-                args=[words, neg], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+            return tl.inline_asm_elementwise(asm=_LOP3_SLOTS_BF16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r",
+                                             args=[words, neg], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
         else:
-            return tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 s, t0, t1, t2, t3, one;
-                mov.b32 one, 0x3C003C00;
-                lop3.b32 t0, $8, 0x000f000f, 0x64006400, 0xea;
-                shr.u32 s, $8, 4;
-                lop3.b32 t1, s, 0x000f000f, 0x64006400, 0xea;
-                shr.u32 s, $8, 8;
-                lop3.b32 t2, s, 0x000f000f, 0x64006400, 0xea;
-                shr.u32 s, $8, 12;
-                lop3.b32 t3, s, 0x000f000f, 0x64006400, 0xea;
-                fma.rn.f16x2 t0, t0, one, $9;
-                fma.rn.f16x2 t1, t1, one, $9;
-                fma.rn.f16x2 t2, t2, one, $9;
-                fma.rn.f16x2 t3, t3, one, $9;
-                mov.b32 {$0, $4}, t0;
-                mov.b32 {$1, $5}, t1;
-                mov.b32 {$2, $6}, t2;
-                mov.b32 {$3, $7}, t3;
-                }""",
-                constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r",
-                args=[words, neg], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+            return tl.inline_asm_elementwise(asm=_LOP3_SLOTS_F16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r",
+                                             args=[words, neg], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
 
     @triton.jit
     def _group_terms(s_ptr, z_ptr, grp, rn, N, ZMODE: tl.constexpr):

@@ -3,6 +3,7 @@ the kernels hand to tl.inline_asm_elementwise can be checked on the CPU (CI has 
 
 Semantics from the PTX ISA: prmt (default mode: selector nibble i picks byte i of {b, a}),
 lop3 (3-input truth table, a = 0xF0, b = 0xCC, c = 0xAA), shl/shr (logical), and/cvt.u32.u16,
+mov.b32 {lo, hi} (a register's two 16-bit halves),
 fma.rn / sub.rn on bf16x2 and f16x2 (exact result, rounded once per 16-bit lane, as ml_dtypes
 and numpy round). Values are Python ints holding the 32-bit registers.
 """
@@ -68,13 +69,16 @@ def run_ptx(asm: str, operands: dict[int, int]) -> dict[int, int]:
         m = re.match(r"([a-z0-9.]+)\s+(.*)", line)
         op, args = m.group(1), [t.strip() for t in m.group(2).split(",")]
         d = args[0]
-        if op == "mov.b32":
+        if op == "mov.b32" and d.startswith("{"):    # mov.b32 {lo, hi}, r: unpack two 16-bit halves
+            lo, hi, src = d.strip("{ "), args[1].strip("} "), val(args[2])
+            regs[lo], regs[hi] = src & 0xFFFF, src >> 16
+        elif op == "mov.b32":
             regs[d] = val(args[1])
         elif op == "cvt.u32.u16":
             regs[d] = val(args[1]) & 0xFFFF
         elif op == "prmt.b32":
             regs[d] = _prmt(val(args[1]), val(args[2]), val(args[3]))
-        elif op == "shr.b32":
+        elif op in ("shr.b32", "shr.u32"):
             regs[d] = val(args[1]) >> val(args[2])
         elif op == "shl.b32":
             regs[d] = (val(args[1]) << val(args[2])) & M32

@@ -155,6 +155,32 @@ def test_activation_quantizer_is_bit_exact(name, params, m, k, seed, dist, mag, 
                                     f"first at {(got != want).nonzero()[0].tolist()}")
 
 
+# ---- the 4-bit decode PTX of the compiled split-K / GEMM kernels, run on the CPU ---------------------
+@pytest.mark.parametrize("half", ["bf16", "f16"])
+def test_lop3_slots_ptx_gives_u_minus_z(half):
+    """The exact string _lop3_slots hands to inline asm (tests/_fp_ptx_util.py executes it): output i
+    holds nibble i of the word, output i + 4 nibble i + 4, each minus the zero point, for every nibble
+    value in every position and every zero point the kernels pass (bf16 z <= 127, fp16 z <= 1023)."""
+    import ml_dtypes
+    import numpy as np
+    from _fp_ptx_util import lanes, pack, run_ptx
+    bf = half == "bf16"
+    asm = affine._LOP3_SLOTS_BF16 if bf else affine._LOP3_SLOTS_F16
+    asm = getattr(asm, "value", asm)
+    dt = ml_dtypes.bfloat16 if bf else np.float16
+    magic = 128.0 if bf else 1024.0
+    g = torch.Generator().manual_seed(0)
+    zs = [0, 1, 8, 15, 127] + ([255, 1023] if not bf else [])
+    for z in zs:
+        neg = pack(-(magic + z), -(magic + z), dt)
+        words = [0, 0xFFFFFFFF, 0x76543210, 0xFEDCBA98] + torch.randint(0, 2**32, (40,), generator=g).tolist()
+        for w in words:
+            out = run_ptx(asm, {**{i: 0 for i in range(8)}, 8: w, 9: neg})
+            for i in range(8):
+                want = float(((w >> (4 * i)) & 15) - z)
+                assert lanes(out[i], dt)[0] == want, (half, z, hex(w), i)
+
+
 # ---- W4A8 activations: the same quantizer, msModelSlim's division form ---------------------------
 @settings(max_examples=8)
 @given(m=st.integers(1, 4), k=st.integers(1, 200), seed=st.integers(0, 2**31 - 1),
