@@ -21,11 +21,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from probe_int import bench, copies_for  # noqa: E402
+from probe_int import bench  # noqa: E402
 
 import omniq  # noqa: E402
 from omniq.dispatch import get_kernel  # noqa: E402
-from omniq.dispatch.rotation import clone_prepared, prepared_nbytes  # noqa: E402
+from omniq.dispatch.rotation import prepared_nbytes, rotating_copies  # noqa: E402
 from omniq.kernels import triton_affine as A  # noqa: E402
 
 DEV = torch.device("cuda")
@@ -74,7 +74,7 @@ def probe_shape(what, kern, qw, reference, subjects) -> dict:
     n, k = qw.shape
     base = kern.layout.prepare(qw, DEV)
     nb = prepared_nbytes(base)
-    preps = [base] + [clone_prepared(base) for _ in range(min(8, copies_for(nb)) - 1)]
+    preps = rotating_copies(base, DEV)
     moved = nb + n * k * 2
     ref = reference(base)
     row = {"n": n, "k": k}

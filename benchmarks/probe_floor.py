@@ -19,7 +19,7 @@ from probe_int import bench, copies_for  # noqa: E402
 
 import omniq  # noqa: E402
 from omniq.dispatch import get_kernel  # noqa: E402
-from omniq.dispatch.rotation import clone_prepared, prepared_nbytes  # noqa: E402
+from omniq.dispatch.rotation import prepared_nbytes, rotating_copies  # noqa: E402
 
 DEV = torch.device("cuda")
 # label: (scheme, params, kernel or None for bf16 F.linear)
@@ -73,9 +73,8 @@ def main() -> None:
                 if key not in quantized:
                     quantized[key] = omniq.get_scheme(sch_name, **params).quantize(w, name="floor")
                 qw = quantized[key]
-                preps = [kern.layout.prepare(qw, DEV)]
+                preps = rotating_copies(kern.layout.prepare(qw, DEV), DEV)
                 nb = prepared_nbytes(preps[0])
-                preps += [clone_prepared(preps[0]) for _ in range(min(8, copies_for(nb)) - 1)]
                 t = bench([lambda p_=p_: kern.run(x, p_, None) for p_ in preps])
             pts.append((nb, t))
             print(f"{label:28s} N={args.n} K={k:6d} {nb / 1e6:8.2f} MB {t:8.2f} us {nb / t / 1e3:7.0f} GB/s",

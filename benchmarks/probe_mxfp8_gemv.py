@@ -20,7 +20,7 @@ from probe_int import bench, copies_for  # noqa: E402
 
 import omniq  # noqa: E402
 from omniq.dispatch import get_kernel  # noqa: E402
-from omniq.dispatch.rotation import clone_prepared  # noqa: E402
+from omniq.dispatch.rotation import rotating_copies  # noqa: E402
 from omniq.kernels import cuda_mxfp8_gemv as mx8  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -66,8 +66,7 @@ for name in args.schemes.split(","):
         wb = w.to(torch.bfloat16)
         qw = sch.quantize(w)
         base = kern.layout.prepare(qw, dev)
-        nb = sum(t.numel() * t.element_size() for t in (base.weight, base.scales))
-        preps = [base] + [clone_prepared(base) for _ in range(min(8, copies_for(nb)) - 1)]
+        preps = rotating_copies(base, dev)
         wbs = [wb] + [wb.clone() for _ in range(min(8, copies_for(wb.numel() * 2)) - 1)]
         for m in [int(v) for v in args.m.split(",")]:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
