@@ -9,10 +9,13 @@ accuracy check of the fp8 variants.
 Times are medians of CUDA-graph replays over rotating weight copies (more bytes than L2), as in
 probe_int.py. One line per (scheme, shape, M, config):
   bf16            F.linear on a bf16 weight (the baseline of 'x bf16')
-  q:triton q:cuda the activation quantizer alone (Triton, one CTA per row / CUDA, several per row)
+  q:triton q:cuda the activation quantizer alone (Triton, triton_w8a8.quant_split programs per row
+                  / CUDA, several per row)
+  q:triton/1      the Triton quantizer with one program per row
   kernel          the GEMV alone on an already quantized activation (plain launch)
   tri             the previous whole call: Triton quantizer, plain GEMV launch
   tri+pdl         Triton quantizer with its early trigger (sm_90+), PDL GEMV
+  tri+pdl/1       the same with one quantizer program per row
   cuda            CUDA quantizer (int8 only; fp8 falls back to Triton), plain GEMV launch
   cuda+pdl        CUDA quantizer (lets dependents launch at once), PDL GEMV
   default         omniq.linear with the kernel pinned (what the dispatcher runs)
@@ -97,6 +100,9 @@ def table(ms, names, out_path, budget):
                 bf = bench([lambda w=w: torch.nn.functional.linear(x, w) for w in wbs])
                 row(name, n, k, m, "bf16", bf, bf)
                 row(name, n, k, m, "q:triton", bench([lambda: W.quantize_prepared_activation(x, gp[0].data)]), bf)
+                pd = gp[0].data
+                row(name, n, k, m, "q:triton/1", bench([lambda: W.quantize_activation(
+                    x, pd.act, pd.fp8, pd.act_symmetric, pd.input_scale, pd.input_zero_point, split=1)]), bf)
                 try:
                     row(name, n, k, m, "q:cuda", bench([lambda: G.quantize_cuda(x, gp[0].data.fp8)]), bf)
                 except Exception as e:  # report, go on
@@ -117,6 +123,16 @@ def table(ms, names, out_path, budget):
                         row(name, n, k, m, cname, us, bf, err_of(y))
                     except Exception as e:
                         row(name, n, k, m, cname, None, bf, fail=f"{type(e).__name__}: {str(e)[:300]}")
+                chunk, W.SPLIT_CHUNK = W.SPLIT_CHUNK, 1 << 30      # quant_split -> 1: one program per row
+                try:
+                    cfg = dict(base, pdl=True, quant="triton")
+                    y = G.run_gemv(x, gp[0].data, None, cfg=cfg)
+                    us = bench([lambda p=p: G.run_gemv(x, p.data, None, cfg=cfg) for p in gp])
+                    row(name, n, k, m, "tri+pdl/1", us, bf, err_of(y))
+                except Exception as e:
+                    row(name, n, k, m, "tri+pdl/1", None, bf, fail=f"{type(e).__name__}: {str(e)[:300]}")
+                finally:
+                    W.SPLIT_CHUNK = chunk
                 try:
                     y = omniq.linear(x, gp[0])
                     us = bench([lambda p=p: omniq.linear(x, p) for p in gp])

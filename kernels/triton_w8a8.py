@@ -168,11 +168,21 @@ if triton is not None:
         return tl.where(v < 0, -r, r)
 
     @triton.jit
+    def _remainder(q, s, x):
+        """x - q s, exact for a quotient q of x / s rounded to fp32 (one fma)."""
+        return tl.fma(-q, tl.zeros_like(q) + s, x)
+
+    @triton.jit
     def _quantize_values(x, s, inv, zp, ACT: tl.constexpr, FP8: tl.constexpr, SYM: tl.constexpr):
         """x (fp32) -> codes (fp32 holding the int8 / e4m3 value), as each scheme does it."""
         if FP8:
             if ACT == 0:
-                v = tl.div_rn(x, tl.zeros_like(x) + s)
+                # x / s correctly rounded without a division per element: with inv = RN(1 / s),
+                # q = RN(x inv) and the exact remainder r = x - q s (an fma), RN(q + r inv) is
+                # RN(x / s) wherever the quotient is a normal fp32 (Markstein's theorem); below
+                # that it rounds to a signed zero on the e4m3 grid either way
+                q = x * inv
+                v = tl.fma(_remainder(q, s, x), inv, q)
             else:
                 v = x * inv
             return _e4m3_grid(tl.clamp(v, -448.0, 448.0))
@@ -190,14 +200,19 @@ if triton is not None:
     def _quant_act_kernel(x_ptr, q_ptr, s_ptr, azp_ptr, in_s_ptr, in_z_ptr,
                           K, stride_xm, stride_qm, n_kb,
                           ACT: tl.constexpr, FP8: tl.constexpr, SYM: tl.constexpr,
-                          BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, EARLY_TRIGGER: tl.constexpr = False):
-        """One row per program: statistics, scale (and zero point), then the cast. ONE_PASS keeps
-        the whole row in registers (BLOCK_K >= K): one read of x. EARLY_TRIGGER (sm_90+ only):
-        let a kernel launched after it with Programmatic Dependent Launch start at once; that
-        kernel's griddepcontrol.wait still waits for this whole grid and its writes."""
+                          BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, EARLY_TRIGGER: tl.constexpr = False,
+                          SPLIT: tl.constexpr = 1):
+        """Statistics, scale (and zero point), then the cast, per row. ONE_PASS keeps the whole row
+        in registers (BLOCK_K >= K): one read of x. SPLIT (ONE_PASS only) programs share a row:
+        each computes the row's statistics from the whole row (the same arithmetic, so the same
+        scale) and casts its BLOCK_K / SPLIT columns, so a decode-size M is not one SM's work.
+        EARLY_TRIGGER (sm_90+ only): let a kernel launched after it with Programmatic Dependent
+        Launch start at once; that kernel's griddepcontrol.wait still waits for this whole grid
+        and its writes."""
         if EARLY_TRIGGER:
             gdc_launch_dependents()
         row = tl.program_id(0)
+        part = tl.program_id(1)
         xrow = x_ptr + row * stride_xm
         qrow = q_ptr + row * stride_qm
         offs = tl.arange(0, BLOCK_K)
@@ -240,6 +255,7 @@ if triton is not None:
             if FP8:
                 if ACT == 0:
                     s = tl.maximum(tl.div_rn(amax, 448.0), _TOKEN_MIN)
+                    inv = tl.div_rn(1.0, s)
                 elif ACT == 1:
                     s = tl.load(in_s_ptr)
                     inv = tl.div_rn(1.0, s)
@@ -267,7 +283,13 @@ if triton is not None:
                     if not SYM:
                         zp = tl.load(in_z_ptr).to(tl.float32)
             # quantize
-            if ONE_PASS:
+            if SPLIT > 1:
+                cols = part * (BLOCK_K // SPLIT) + tl.arange(0, BLOCK_K // SPLIT)
+                okc = cols < K
+                xc = tl.load(xrow + cols, mask=okc, other=0.0).to(tl.float32)
+                q = _quantize_values(xc, s, inv, zp, ACT, FP8, SYM)
+                tl.store(qrow + cols, q.to(q_ptr.dtype.element_ty), mask=okc)
+            elif ONE_PASS:
                 q = _quantize_values(x1, s, inv, zp, ACT, FP8, SYM)
                 tl.store(qrow + offs, q.to(q_ptr.dtype.element_ty), mask=ok1)
             else:
@@ -277,12 +299,13 @@ if triton is not None:
                     x = tl.load(xrow + kk, mask=ok, other=0.0).to(tl.float32)
                     q = _quantize_values(x, s, inv, zp, ACT, FP8, SYM)
                     tl.store(qrow + kk, q.to(q_ptr.dtype.element_ty), mask=ok)
-            if ACT == 5:
-                tl.store(s_ptr + row, 1.0)   # input_scale is inside deq_scale
-            else:
-                tl.store(s_ptr + row, s)
-            if not FP8:
-                tl.store(azp_ptr + row, zp)
+            if part == 0:
+                if ACT == 5:
+                    tl.store(s_ptr + row, 1.0)   # input_scale is inside deq_scale
+                else:
+                    tl.store(s_ptr + row, s)
+                if not FP8:
+                    tl.store(azp_ptr + row, zp)
 
     @triton.jit
     def _w8a8_dot_kernel(
@@ -370,15 +393,29 @@ if triton is not None:
 # Activation quantization
 # --------------------------------------------------------------------------------------------
 ONE_PASS_MAX_K = 16384   # rows up to this K stay in registers: x is read once
+SPLIT_CHUNK = 1024       # columns cast per program when programs share a row (quant_split)
+SPLIT_MAX_PROGRAMS = 132  # ... while the grid has at most about one program per H200 SM
+
+
+def quant_split(act: int, m: int, k: int) -> int:
+    """Programs per row for the activation quantizer: 1, or for a decode-size M of a one-pass mode
+    enough that each casts about SPLIT_CHUNK columns (a power of two, so they tile BLOCK_K)."""
+    if act == ACT_BLOCK or next_pow2(k) > ONE_PASS_MAX_K:
+        return 1
+    split = max(1, next_pow2(k) // SPLIT_CHUNK)
+    while split > 1 and m * split > SPLIT_MAX_PROGRAMS:
+        split //= 2
+    return split
 
 
 def quantize_activation(x: torch.Tensor, act: int, fp8: bool, symmetric: bool = True,
                         input_scale: torch.Tensor | None = None, input_zero_point: torch.Tensor | None = None,
-                        early_trigger: bool = False):
+                        early_trigger: bool = False, split: int | None = None):
     """(x_q [M, K] int8 | e4m3, s_x fp32 [M] or [M, ceil(K/128)], azp fp32 [M] or None) for an
     ACT_* mode, in one kernel launch (plus a torch amax for dynamic per-tensor). early_trigger:
     the kernel lets a Programmatic-Dependent-Launch successor start at once (sm_90+ GPUs only;
-    the caller checks, see kernels.nvrtc.pdl_reason)."""
+    the caller checks, see kernels.nvrtc.pdl_reason). split: programs per row (quant_split by
+    default; a power of two, one-pass modes only); any split gives the same bits."""
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -393,9 +430,13 @@ def quantize_activation(x: torch.Tensor, act: int, fp8: bool, symmetric: bool = 
     in_z = input_zero_point if input_zero_point is not None else in_s
     one_pass = act != ACT_BLOCK and next_pow2(k) <= ONE_PASS_MAX_K
     bk = BLOCK if act == ACT_BLOCK else (next_pow2(k) if one_pass else 4096)
-    _quant_act_kernel[(m,)](x, q, s, azp, in_s, in_z, k, x.stride(0), q.stride(0), n_kb,
+    split = quant_split(act, m, k) if split is None else split
+    if split < 1 or split & (split - 1) or (split > 1 and not one_pass) or split > bk:
+        raise ValueError(f"quantize_activation: split={split} must be a power of two <= {bk}, and 1 unless the "
+                         f"row is cast in one pass (K={k}, act={act})")
+    _quant_act_kernel[(m, split)](x, q, s, azp, in_s, in_z, k, x.stride(0), q.stride(0), n_kb,
                             ACT=act, FP8=fp8, SYM=symmetric, BLOCK_K=bk, ONE_PASS=one_pass,
-                            EARLY_TRIGGER=early_trigger,
+                            EARLY_TRIGGER=early_trigger, SPLIT=split,
                             num_warps=4 if bk <= 1024 else (8 if bk <= 4096 else 16), enable_fp_fusion=False)
     return q, s, (None if fp8 or symmetric or act in (ACT_TOKEN_DIV, ACT_STATIC_OFFSET) else azp)
 

@@ -14,6 +14,7 @@ import omniq
 from omniq.errors import KernelError
 from omniq.kernels import triton_affine as affine
 from omniq.kernels import triton_w8a8 as w8a8
+from omniq.kernels._common import next_pow2
 
 from _int_util import (HALF_ULP, activations, affine_cases, assert_within, error_bound, fake_from_kernel,
                        quantized, tie_rows, w8a8_cases)
@@ -155,6 +156,57 @@ def test_activation_quantizer_is_bit_exact(name, params, m, k, seed, dist, mag, 
                                     f"first at {(got != want).nonzero()[0].tolist()}")
 
 
+SPLIT_SCHEMES = [("fp8", dict()), ("fp8", dict(activation="static_tensor", input_scale=0.5)),
+                 ("int8", dict()), ("int8", dict(act_symmetric=False)), ("w8a8_dynamic", dict())]
+
+
+@pytest.mark.parametrize("name,params", SPLIT_SCHEMES, ids=[f"{n}-{'-'.join(map(str, p.values()))}"
+                                                            for n, p in SPLIT_SCHEMES])
+@settings(max_examples=6)
+@given(m=st.integers(1, 3), k=st.integers(1, 2100), split=st.sampled_from((2, 4, 8)),
+       seed=st.integers(0, 2**31 - 1), dist=st.sampled_from(("ties", "normal", "heavy", "zero_rows", "grid")),
+       mag=st.floats(-6, 3), dtype=st.sampled_from((torch.float32, torch.bfloat16)))
+def test_activation_quantizer_split_rows_give_the_same_bits(name, params, m, k, split, seed, dist, mag, dtype):
+    """Programs sharing a row (decode-size M on a GPU) cast the same codes and scales as one
+    program per row, and those equal the scheme's quantize_activation."""
+    sch = omniq.get_scheme(name, **params)
+    qw = quantized(sch, 8, k, seed)
+    x = tie_rows(name if name != "w8a8_dynamic" else "int8", m, k, seed) if dist == "ties" \
+        else make_tensor((m, k), dist, seed, 10.0 ** mag)
+    x = x.to(dtype)
+    p = w8a8.prepare_w8a8(qw, CPU)
+    split = min(split, next_pow2(k))
+    one = w8a8.quantize_activation(x, p.act, p.fp8, p.act_symmetric, p.input_scale, p.input_zero_point, split=1)
+    many = w8a8.quantize_activation(x, p.act, p.fp8, p.act_symmetric, p.input_scale, p.input_zero_point,
+                                    split=split)
+    for a, b in zip(one, many):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                               b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b), f"split={split}"
+    assert torch.equal(fake_from_kernel(qw, p, x), sch.quantize_activation(x, qw))
+
+
+def test_quant_split_rule():
+    """One program per row off decode sizes and for the 1 x 128 block mode; at decode M about
+    SPLIT_CHUNK columns per program, never more than about one program per SM."""
+    assert w8a8.quant_split(w8a8.ACT_TOKEN, 1, 12288) == 16 and w8a8.quant_split(w8a8.ACT_TOKEN, 1, 3072) == 4
+    assert w8a8.quant_split(w8a8.ACT_TOKEN, 1, 1000) == 1
+    assert w8a8.quant_split(w8a8.ACT_TOKEN, 64, 8192) == 2 and w8a8.quant_split(w8a8.ACT_TOKEN, 512, 8192) == 1
+    assert w8a8.quant_split(w8a8.ACT_BLOCK, 1, 8192) == 1 and w8a8.quant_split(w8a8.ACT_TOKEN, 1, 32768) == 1
+    for m in (1, 3, 16, 40):
+        for k in (128, 3000, 8192, 16384):
+            sp = w8a8.quant_split(w8a8.ACT_TOKEN, m, k)
+            assert sp & (sp - 1) == 0 and (sp == 1 or m * sp <= w8a8.SPLIT_MAX_PROGRAMS)
+
+
+def test_quantize_activation_refuses_a_bad_split():
+    x = torch.randn(2, 300)
+    for bad in (3, 0, 1024):
+        with pytest.raises(ValueError, match="split="):
+            w8a8.quantize_activation(x, w8a8.ACT_TOKEN, True, split=bad)
+    with pytest.raises(ValueError, match="one pass"):
+        w8a8.quantize_activation(x, w8a8.ACT_BLOCK, True, split=2)
 # ---- the 4-bit decode PTX of the compiled split-K / GEMM kernels, run on the CPU ---------------------
 @pytest.mark.parametrize("half", ["bf16", "f16"])
 def test_lop3_slots_ptx_gives_u_minus_z(half):
