@@ -316,7 +316,7 @@ if triton is not None:
             HAS_QBIAS: tl.constexpr, WEIGHT_ONLY: tl.constexpr, DOT_DTYPE: tl.constexpr,
             IEEE: tl.constexpr, HAS_BIAS: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-            SPLIT_K, USE_SPLIT: tl.constexpr, GROUP_N: tl.constexpr):
+            SPLIT_K, USE_SPLIT: tl.constexpr, GROUP_N: tl.constexpr, PROMOTE: tl.constexpr = 0):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         grid_n = tl.cdiv(N, BLOCK_N)
@@ -364,6 +364,10 @@ if triton is not None:
                 acc += part * tl.load(ws_ptr + grp * N + rn)[:, None]
             elif IS_INT:
                 acc = tl.dot(w, xt, acc, out_dtype=tl.int32)
+            elif PROMOTE > 0:
+                # sm_90 fp8 MMAs add into their accumulator with fewer bits than fp32: PROMOTE
+                # K elements go into a fresh one, then into acc with an fp32 add
+                acc = tl.dot(w, xt, acc, max_num_imprecise_acc=PROMOTE)
             else:
                 acc = tl.dot(w, xt, acc)
 
@@ -562,6 +566,7 @@ def run_dot(x: torch.Tensor, p: W8A8Prepared, bias: torch.Tensor | None, kind: s
         HAS_QBIAS=p.quant_bias is not None, WEIGHT_ONLY=weight_only,
         DOT_DTYPE=dot_dtype, IEEE=ieee, HAS_BIAS=bias is not None,
         BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=split, USE_SPLIT=split > 1, GROUP_N=cfg.get("GROUP_N", 1),
+        PROMOTE=min(int(cfg.get("PROMOTE", 0)), bk) if p.fp8 else 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
