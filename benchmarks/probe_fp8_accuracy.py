@@ -27,8 +27,45 @@ from probe_int import bench, copies_for  # noqa: E402
 DEV = torch.device("cuda")
 SHAPES = [(8192, 8192), (3072, 12288), (12288, 3072)]
 MS = (1, 16, 64, 512)
+# x of the case tests/test_gpu_int.py::test_w8a8_kernels_compiled[triton.w8a8.gemm] failed on
+# (fp16, 26 x 3; the weight is _int_util.quantized(fp8, 33, 3, seed 0, x_sample=x)), as printed
+TEST_CASE_X = [
+    -1.1260e+00, -1.1523e+00, -2.5049e-01, -4.3384e-01, 8.4863e-01, 6.9189e-01, -3.1592e-01,
+    -2.1152e+00, 3.2227e-01, -1.2637e+00, 3.5010e-01, 3.0811e-01, 1.1981e-01, 1.2373e+00,
+    1.1172e+00, -2.4731e-01, -1.3525e+00, -1.6963e+00, 5.6689e-01, 7.9346e-01, 5.9863e-01,
+    -1.5547e+00, -3.4131e-01, 1.8525e+00, 7.5000e-01, -5.8545e-01, -1.7334e-01, 1.8347e-01,
+    1.3896e+00, 1.5859e+00, 9.4629e-01, -8.4375e-01, -6.1377e-01, 3.1586e-02, -4.9268e-01,
+    2.4841e-01, 4.3970e-01, 1.1243e-01, 6.4062e-01, 4.4116e-01, -1.0229e-01, 7.9248e-01,
+    -2.8955e-01, 5.2521e-02, 5.2295e-01, 2.3027e+00, -1.4688e+00, -1.5869e+00, -6.7285e-01,
+    8.7305e-01, 1.0557e+00, 1.7786e-01, -2.3035e-01, -3.9185e-01, 5.4346e-01, -3.9526e-01,
+    -4.4629e-01, 7.4414e-01, 1.5205e+00, 3.4102e+00, -1.5312e+00, -1.2344e+00, -1.0928e+00,
+    -8.5205e-02, -9.3323e-02, 6.8701e-01, -8.3838e-01, 8.9169e-04, 8.4180e-01, -4.0015e-01,
+    6.2109e-01, 6.3818e-01, -2.4597e-01, 2.3027e+00, -1.8818e+00, -4.9713e-02, -1.0449e+00,
+    -9.5654e-01]
 KERNELS = (("cuda.w8a8.gemv", 16), ("triton.w8a8.splitk", 64), ("triton.w8a8.gemm", 4096),
            ("cuda.fp8.scaled_mm", 4096))
+
+
+def small_k_case(sch, W):
+    """The failing GPU test case: the codes against the scheme's, and the kernel against an fp64
+    product of the same codes."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from _int_util import quantized
+    x = torch.tensor(TEST_CASE_X).reshape(26, 3).to(torch.float16)
+    qw = quantized(sch, 33, 3, 0, x_sample=x)
+    p = W.prepare_w8a8(qw, DEV)
+    xd = x.to(DEV)
+    q, xs, _ = W.quantize_prepared_activation(xd, p)
+    codes = q.double() * xs.double()[:, None]
+    mismatch = int((codes.float().cpu() != sch.quantize_activation(x.float(), qw)).sum())
+    wexact = p.weight.double() * p.w_scale.double()[:, None]
+    exact, mag = codes @ wexact.t(), codes.abs() @ wexact.abs().t()
+    for promote in (0, 32):
+        cfg = dict(W.config_for("gemm", 26, 33, 3, True), PROMOTE=promote)
+        y = W.run_dot(xd.float(), p, None, "gemm", cfg).double()
+        r = ((y - exact).abs() / (mag + 1e-30)).max()
+        print(f"test case N=33 K=3 M=26 fp32 out, PROMOTE={promote}: quantizer mismatches {mismatch}, "
+              f"max |y - exact| / sum|q||W| = {float(r):.2e} (2^{float(torch.log2(r + 1e-300)):.1f})", flush=True)
 
 
 def main():
@@ -41,9 +78,10 @@ def main():
     a = ap.parse_args()
     rows = []
     sch = omniq.get_scheme("fp8")
+    small_k_case(sch, W)
     g = torch.Generator().manual_seed(0)
     for n, k in SHAPES:
-        qw = sch.quantize(torch.randn(n, k, generator=g) * 0.02, name="probe.fp8")
+        qw = sch.quantize((torch.randn(n, k, generator=g) * 0.02).to(DEV), name="probe.fp8")
         p = W.prepare_w8a8(qw, DEV)
         wexact = p.weight.double() * p.w_scale.double()[:, None]
         reps = [p] + [clone_prepared(p) for _ in range(copies_for(n * k) - 1)]
