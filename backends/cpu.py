@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from omniq.dispatch import CHECKPOINT, Kernel, Layout, register_kernel
 from omniq.errors import KernelError, where
 from omniq.formats.fp8 import E4M3_MAX, saturating_cast
-from omniq.schemes.base import QuantizedWeight
+from omniq.schemes.base import QuantizedWeight, div_const
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CACHE_ENV = "OMNIQ_CPU_DEQUANT_CACHE"
@@ -157,14 +157,14 @@ def quantize_int8_activation(x: torch.Tensor, p: Int8Prepared):
     act = p.act
     if act == "token_sym":  # int8.quantize_activation, dynamic_token, symmetric
         amax = xf.abs().amax(dim=-1, keepdim=True)
-        inv = torch.where(amax > 0, QMAX / amax, torch.zeros_like(amax))
+        inv = torch.where(amax > 0, torch.full_like(amax, QMAX) / amax, torch.zeros_like(amax))
         q = torch.round(xf * inv).clamp_(QMIN, QMAX).to(torch.int8)
-        return q, amax / QMAX, None
+        return q, div_const(amax, QMAX), None
     if act == "token_asym":
         lo = xf.amin(dim=-1, keepdim=True)
         hi = xf.amax(dim=-1, keepdim=True)
-        s = (hi - lo) / 255.0
-        s = torch.where(s > 0, s, (hi.abs() / QMAX).clamp(min=_TINY))
+        s = div_const(hi - lo, 255.0)
+        s = torch.where(s > 0, s, div_const(hi.abs(), QMAX).clamp(min=_TINY))
         azp = torch.round(-128.0 - lo / s).clamp(-2.0**31, 2.0**31 - 1).double()
         q = (torch.round(xf * (1.0 / s)).double() + azp).clamp_(QMIN, QMAX).to(torch.int8)
         return q, s, azp
@@ -180,7 +180,7 @@ def quantize_int8_activation(x: torch.Tensor, p: Int8Prepared):
         q = torch.round(xf / p.in_scale + p.in_zp).clamp_(QMIN, QMAX).to(torch.int8)
         return q, None, None
     if act == "ms_token":  # msmodelslim.quantize_per_token_int8
-        s = xf.abs().amax(dim=-1, keepdim=True) / QMAX
+        s = div_const(xf.abs().amax(dim=-1, keepdim=True), QMAX)
         safe = torch.where(s == 0, torch.ones_like(s), s)
         return torch.round(xf / safe).clamp_(QMIN, QMAX).to(torch.int8), s, None
     raise KernelError(f"cpu.int8: activation mode {act!r} has no int8 activation codes")
@@ -660,10 +660,10 @@ class FP8ScaledMM(_Cpu):
         xf = x.float()
         m = xf.shape[0]
         if p.act == "dynamic_token":
-            s = (xf.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp(min=TOKEN_SCALE_MIN)
+            s = div_const(xf.abs().amax(dim=-1, keepdim=True), E4M3_MAX).clamp(min=TOKEN_SCALE_MIN)
             xq = saturating_cast(xf / s)
         elif p.act == "dynamic_tensor":
-            s = xf.abs().amax() / E4M3_MAX
+            s = div_const(xf.abs().amax(), E4M3_MAX)
             inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
             xq = saturating_cast(xf * inv)
             s = s.reshape(1, 1)

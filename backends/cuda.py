@@ -19,6 +19,7 @@ import torch
 
 from omniq.dispatch import Kernel, Layout, register_kernel
 from omniq.errors import KernelError, where
+from omniq.schemes.base import div_const
 from omniq.kernels import cuda_affine_mma as affine_mma
 from omniq.kernels import triton_affine as affine
 from omniq.kernels.nvrtc import cuda_device_reason, nvrtc_reason
@@ -60,7 +61,7 @@ def _quantize_torch(x: torch.Tensor, p: w8a8.W8A8Prepared):
             q = saturating_cast(xf / s)
         else:
             s = p.input_scale.reshape(1, 1).expand(x.shape[0], 1) if p.act == w8a8.ACT_STATIC else \
-                (xf.abs().amax() / w8a8.E4M3_MAX).reshape(1, 1).expand(x.shape[0], 1)
+                div_const(xf.abs().amax(), w8a8.E4M3_MAX).reshape(1, 1).expand(x.shape[0], 1)
             inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
             q = saturating_cast(xf * inv)
         return q, s.reshape(-1).contiguous(), None

@@ -22,7 +22,7 @@ import torch
 
 from omniq.dispatch import Kernel, Layout, Problem, register_kernel
 from omniq.errors import OmniqError, where
-from omniq.schemes.base import QuantizedWeight, QuantScheme
+from omniq.schemes.base import QuantizedWeight, QuantScheme, div_const
 
 DEVICE_TYPE = "xpu"
 HALF = (torch.float16, torch.bfloat16)
@@ -261,10 +261,10 @@ def _fp8_quantize(x: torch.Tensor, p: _FP8) -> tuple[torch.Tensor, torch.Tensor]
     from omniq.schemes.fp8 import TOKEN_SCALE_MIN
     xf = x.float()
     if p.activation == "dynamic_token":
-        s = (xf.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp(min=TOKEN_SCALE_MIN)
+        s = div_const(xf.abs().amax(dim=-1, keepdim=True), E4M3_MAX).clamp(min=TOKEN_SCALE_MIN)
         return saturating_cast(xf / s), s
     if p.activation == "dynamic_tensor":
-        s = xf.abs().amax() / E4M3_MAX
+        s = div_const(xf.abs().amax(), E4M3_MAX)
         inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
         return saturating_cast(xf * inv), s
     s = p.input_scale

@@ -18,6 +18,18 @@ x * (1/s) is rounded before it is rounded to an integer, as in the reference.
 The GEMM computes acc[n, m] = W[n, :] . xq[m, :] (swap-AB, int32 or fp32 accumulation),
 then y = acc * s_x[m] * s_w[n] (minus azp[m] * colsum[n] first when asymmetric) + bias;
 block scales are applied per 128-wide K tile.
+
+fp8 accumulation on sm_90: Hopper's fp8 MMAs add their products into the accumulator with fewer
+bits than fp32 (DeepSeek-V3 report, section 3.3.2; Triton accumulates all of K that way by
+default there). Measured on the H200 (benchmarks/results/h200-2026-11-29e/probe_fp8_accuracy.txt),
+max |y - exact| / sum_k |x_q| |W| over K = 3072..12288: 2^-10.5..-15 with the whole K in the MMA's
+accumulator, 2^-14.6..-17 with PROMOTE (each K tile's products into a fresh accumulator, then one
+fp32 add, Triton's max_num_imprecise_acc = BLOCK_K). Split-K promotes: it costs nothing there
+(within +-5 %). The GEMM does not by default, as vLLM's CUTLASS fp8 kernels use Hopper's fast
+accumulation: promoting cost it 3-15 % at M = 16-64 and up to 2.4x at M = 512. Pass
+cfg PROMOTE=True, or disable the kernel (OMNIQ_DISABLE_KERNELS=triton.w8a8.gemm: cuBLAS's
+_scaled_mm, which accumulates in fp32, takes large M), where fp32 accumulation matters. Even one
+MMA instruction (K <= 32) rounds its sum: up to about 2^-13 of sum |x_q| |W| (measured 2^-13.6).
 """
 from __future__ import annotations
 
@@ -365,8 +377,7 @@ if triton is not None:
             elif IS_INT:
                 acc = tl.dot(w, xt, acc, out_dtype=tl.int32)
             elif PROMOTE > 0:
-                # sm_90 fp8 MMAs add into their accumulator with fewer bits than fp32: PROMOTE
-                # K elements go into a fresh one, then into acc with an fp32 add
+                # the tile's products into a fresh MMA accumulator, then one fp32 add (docstring)
                 acc = tl.dot(w, xt, acc, max_num_imprecise_acc=PROMOTE)
             else:
                 acc = tl.dot(w, xt, acc)
@@ -454,7 +465,9 @@ def quantize_prepared_activation(x: torch.Tensor, p: W8A8Prepared, early_trigger
 # GEMM configurations (defaults per kernel and M bucket; TUNED: measured bests per shape)
 # --------------------------------------------------------------------------------------------
 DEFAULTS = {
-    "splitk": {"BLOCK_N": 64, "BLOCK_M": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4, "GROUP_N": 1},
+    # PROMOTE (fp8): see the module docstring; free for split-K on the H200, not for the GEMM
+    "splitk": {"BLOCK_N": 64, "BLOCK_M": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4, "GROUP_N": 1,
+               "PROMOTE": True},
     "gemm": {"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3,
              "GROUP_N": 8, "SPLIT_K": 1},
 }
@@ -566,7 +579,7 @@ def run_dot(x: torch.Tensor, p: W8A8Prepared, bias: torch.Tensor | None, kind: s
         HAS_QBIAS=p.quant_bias is not None, WEIGHT_ONLY=weight_only,
         DOT_DTYPE=dot_dtype, IEEE=ieee, HAS_BIAS=bias is not None,
         BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=split, USE_SPLIT=split > 1, GROUP_N=cfg.get("GROUP_N", 1),
-        PROMOTE=min(int(cfg.get("PROMOTE", 0)), bk) if p.fp8 else 0,
+        PROMOTE=bk if p.fp8 and cfg.get("PROMOTE") else 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 

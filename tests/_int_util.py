@@ -103,6 +103,18 @@ def activations(draw, k: int, max_m: int, dtypes=(torch.float32, torch.float16, 
     return make_tensor(shape, dist, draw(st.integers(0, 2**31 - 1)), mag).to(dtype)
 
 
+# sm_90 fp8 MMAs add their products into the accumulator with fewer bits than fp32: each k32
+# instruction may lose up to about 2^-13 of the magnitude it sums (DeepSeek-V3 report section
+# 3.3.2; 2^-13.6 measured, benchmarks/results/h200-2026-11-29e/probe_fp8_accuracy.txt)
+FP8_MMA_REL = 2.0**-13
+
+
+def fp8_mma_rel(sch, k: int) -> float:
+    """dot_rel for a kernel that may run fp8 x fp8 MMAs over all of K without promoting its
+    accumulator: one FP8_MMA_REL per 32-wide instruction (0 for a scheme without fp8 codes)."""
+    return FP8_MMA_REL * -(-k // 32) if sch.name == "fp8" and sch.activation is not None else 0.0
+
+
 def error_bound(x: torch.Tensor, qw, ref: torch.Tensor, bias: torch.Tensor | None, dot_rel: float = 0.0):
     """Elementwise bound on |kernel - reference|: one output rounding on each side, fp32
     accumulation over K (and `dot_rel` for weights rounded to the dot dtype), relative to

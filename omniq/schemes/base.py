@@ -222,6 +222,13 @@ class QuantScheme:
                                  f"expected {tuple(s.shape)} for a {n}x{k} weight")
 
 
+def div_const(t: torch.Tensor, c: float) -> torch.Tensor:
+    """t / c rounded once on every device. On CUDA torch turns a division by a Python number into
+    a multiplication by its reciprocal (two roundings), so `amax / 448` there can differ by an ulp
+    from the kernels' (and the CPU's) correctly rounded quotient, and with it every code of a row."""
+    return t / torch.full_like(t, c)
+
+
 def check_choice(scheme: str, param: str, value, allowed) -> None:
     """Raise a clear error when a scheme parameter is not one of `allowed`."""
     if value not in allowed:

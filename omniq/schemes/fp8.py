@@ -13,7 +13,7 @@ import torch
 
 from omniq.formats.fp8 import E4M3_MAX, saturating_cast
 from omniq.errors import OmniqError
-from omniq.schemes.base import QuantizedWeight, QuantScheme, TensorSpec, check_choice
+from omniq.schemes.base import QuantizedWeight, QuantScheme, TensorSpec, check_choice, div_const
 from omniq.schemes.registry import scheme
 
 WEIGHT_GRANULARITIES = ("tensor", "channel", "block")
@@ -110,7 +110,7 @@ class FP8Scheme(QuantScheme):
             amax = w.abs().amax(dim=1, keepdim=True)
         else:
             amax = _block_amax(w, BLOCK, BLOCK)
-        out = {self._scale_name: (amax / E4M3_MAX).clamp(min=_TINY)}
+        out = {self._scale_name: div_const(amax, E4M3_MAX).clamp(min=_TINY)}
         if self.activation == "static_tensor":
             s = 1.0 if self.input_scale is None else float(self.input_scale)
             out["input_scale"] = torch.tensor([s], dtype=torch.float32, device=w.device)
@@ -147,10 +147,10 @@ class FP8Scheme(QuantScheme):
         if self.activation is None:
             return x
         if self.activation == "dynamic_token":
-            s = (x.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp(min=TOKEN_SCALE_MIN)
+            s = div_const(x.abs().amax(dim=-1, keepdim=True), E4M3_MAX).clamp(min=TOKEN_SCALE_MIN)
             return saturating_cast(x / s).float() * s
         if self.activation == "dynamic_tensor":
-            s = x.abs().amax() / E4M3_MAX
+            s = div_const(x.abs().amax(), E4M3_MAX)
             inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
             return saturating_cast(x * inv).float() * s
         if self.activation == "static_tensor":
@@ -171,5 +171,5 @@ class FP8Scheme(QuantScheme):
         if self.activation != "static_tensor":
             return qw
         x = self.check_input(x, qw)
-        s = (x.abs().amax() / E4M3_MAX).clamp(min=_TINY).reshape(1)
+        s = div_const(x.abs().amax(), E4M3_MAX).clamp(min=_TINY).reshape(1)
         return QuantizedWeight(self, qw.shape, {**qw.tensors, "input_scale": s}, name=qw.name)

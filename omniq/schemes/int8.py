@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from omniq.errors import OmniqError
-from omniq.schemes.base import AffineView, QuantizedWeight, QuantScheme, TensorSpec, check_choice
+from omniq.schemes.base import AffineView, QuantizedWeight, QuantScheme, TensorSpec, check_choice, div_const
 from omniq.schemes.fp8 import check_input_scale
 from omniq.schemes.registry import scheme
 
@@ -99,7 +99,7 @@ class Int8Scheme(QuantScheme):
     # ---- the three verbs -----------------------------------------------------------------
     def scale(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         amax = w.float().abs().amax(dim=1, keepdim=True)
-        out = {"weight_scale": (amax / QMAX).clamp(min=_TINY)}
+        out = {"weight_scale": div_const(amax, QMAX).clamp(min=_TINY)}
         if self.activation == "static_tensor":
             s = 1.0 if self.input_scale is None else float(self.input_scale)
             out["input_scale"] = torch.tensor([s], dtype=torch.float32, device=w.device)
@@ -143,11 +143,11 @@ class Int8Scheme(QuantScheme):
             amax = x.abs().amax(dim=-1, keepdim=True)
             # a tensor numerator: torch computes `127 / t` as reciprocal(t) * 127, two roundings
             inv = torch.where(amax > 0, torch.full_like(amax, QMAX) / amax, torch.zeros_like(amax))
-            return _sat_s8(torch.round(x * inv)) * (amax / QMAX)
+            return _sat_s8(torch.round(x * inv)) * div_const(amax, QMAX)
         lo = x.amin(dim=-1, keepdim=True)
         hi = x.amax(dim=-1, keepdim=True)
-        s = (hi - lo) / 255.0
-        s = torch.where(s > 0, s, (hi.abs() / QMAX).clamp(min=_TINY))
+        s = div_const(hi - lo, 255.0)
+        s = torch.where(s > 0, s, div_const(hi.abs(), QMAX).clamp(min=_TINY))
         # clamped to int32 as vLLM's cvt.rni.sat.s32 does for tiny scales
         azp = torch.round(-128.0 - lo / s).clamp(-2.0**31, 2.0**31 - 1)
         return _azp_fake_quant(x, 1.0 / s, azp, s)
@@ -159,7 +159,7 @@ class Int8Scheme(QuantScheme):
         x = self.check_input(x, qw)
         tensors = dict(qw.tensors)
         if self.act_symmetric:
-            tensors["input_scale"] = (x.abs().amax() / QMAX).clamp(min=_TINY).reshape(1)
+            tensors["input_scale"] = div_const(x.abs().amax(), QMAX).clamp(min=_TINY).reshape(1)
         else:
             lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
             s = ((hi - lo) / 255.0).clamp(min=_TINY)

@@ -24,7 +24,7 @@ import torch
 
 from omniq.errors import OmniqError, where
 from omniq.formats.packing import pack_nibbles, unpack_nibbles
-from omniq.schemes.base import AffineView, QuantizedWeight, QuantScheme, TensorSpec, check_choice
+from omniq.schemes.base import AffineView, QuantizedWeight, QuantScheme, TensorSpec, check_choice, div_const
 from omniq.schemes.registry import scheme
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -65,7 +65,7 @@ def quantize_static_int8(x: torch.Tensor, input_scale: torch.Tensor, input_offse
 def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """npu_dynamic_quant: s_t = rowmax|x| / 127, x_q = round(x / s_t). Returns (codes, s_t [M, 1])."""
     x = x.float()
-    s = x.abs().amax(dim=-1, keepdim=True) / INT8_MAX
+    s = div_const(x.abs().amax(dim=-1, keepdim=True), INT8_MAX)
     safe = torch.where(s == 0, torch.ones_like(s), s)
     return torch.round(x / safe).clamp(INT8_MIN, INT8_MAX), s
 
