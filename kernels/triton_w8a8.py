@@ -24,9 +24,9 @@ bits than fp32 (DeepSeek-V3 report, section 3.3.2; Triton accumulates all of K t
 default there). Measured on the H200 (benchmarks/results/h200-2026-11-29e/probe_fp8_accuracy.txt),
 max |y - exact| / sum_k |x_q| |W| over K = 3072..12288: 2^-10.5..-15 with the whole K in the MMA's
 accumulator, 2^-14.6..-17 with PROMOTE (each K tile's products into a fresh accumulator, then one
-fp32 add, Triton's max_num_imprecise_acc = BLOCK_K). Split-K promotes: it costs nothing there
-(within +-5 %). The GEMM does not by default, as vLLM's CUTLASS fp8 kernels use Hopper's fast
-accumulation: promoting cost it 3-15 % at M = 16-64 and up to 2.4x at M = 512. Pass
+fp32 add, Triton's max_num_imprecise_acc = BLOCK_K). Split-K promotes: no cost measured there
+(-7 % to +4 %). The GEMM does not by default, as vLLM's CUTLASS fp8 kernels use Hopper's fast
+accumulation: promoting cost it 3-18 % at M = 16-64 and up to 2.4x at M = 512. Pass
 cfg PROMOTE=True, or disable the kernel (OMNIQ_DISABLE_KERNELS=triton.w8a8.gemm: cuBLAS's
 _scaled_mm, which accumulates in fp32, takes large M), where fp32 accumulation matters. Even one
 MMA instruction (K <= 32) rounds its sum: up to about 2^-13 of sum |x_q| |W| (measured 2^-13.6).
