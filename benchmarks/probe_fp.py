@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -138,12 +137,30 @@ def task_list(args):
         for (n, k) in args.shapes:
             for m in args.ms:
                 tasks.append((method, n, k, m, kind_for(m), None, None, "default"))
+    if args.q8_wide:
+        tasks += q8_wide_tasks()
     if args.sweep:
         tasks += sweep_tasks()
         for method in args.methods:          # the tiled GEMM at large M, for comparison
             for m in (512, 2048):
                 tasks.append((method, 8192, 8192, m, "gemm", None, None, "gemm"))
     return tasks
+
+
+def q8_wide_tasks():
+    """q8_0 split-K with an iteration's blocks as one tile (WIDE) against one block at a time."""
+    t = []
+    cfgs = [("blockwise", {"WIDE": False}), ("wide", {"WIDE": True}),
+            ("wide-bn64", {"WIDE": True, "BLOCK_N": 64}),
+            ("wide-bn64-k128", {"WIDE": True, "BLOCK_N": 64, "K_PER_ITER": 128}),
+            ("wide-k128", {"WIDE": True, "K_PER_ITER": 128}),
+            ("wide-w8", {"WIDE": True, "num_warps": 8}),
+            ("wide-bn64-w8-k512", {"WIDE": True, "BLOCK_N": 64, "num_warps": 8, "K_PER_ITER": 512})]
+    for (n, k) in SHAPES:
+        for m in (1, 16, 64):
+            for label, o in cfgs:
+                t.append(("q8_0", n, k, m, "splitk", o, None, label))
+    return t
 
 
 def sweep_tasks():
@@ -202,6 +219,7 @@ def main():
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--q8-wide", action="store_true", help="time q8_0 split-K with WIDE tiles against block by block")
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

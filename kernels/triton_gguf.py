@@ -324,14 +324,38 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _q8_0_blocks(acc, w_ptr, h_ptr, x_ptr, row, b0, rm, stride_xm, BLOCKS: tl.constexpr,
+                     ASM: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """acc += BLOCKS consecutive q8_0 blocks (from block b0, rows at byte offsets `row` [BN])
+        times x, as one [BN, BLOCKS * 32] tile and one dot: every block's loads are issued
+        before the first is used, and the tile goes to the MMA once, not once per 32-wide block
+        (the 34-byte blocks are only 2-byte aligned, so their loads cannot be prefetched by
+        cp.async; one block at a time left a single block's loads in flight per CTA)."""
+        j = tl.arange(0, BLOCKS)
+        i = tl.arange(0, 32)
+        blk = row[:, None] + (b0 + j)[None, :] * 34                       # [BN, BLOCKS] byte offsets
+        d = tl.load(h_ptr + blk // 2).to(tl.float16, bitcast=True)        # the blocks' f16 scales
+        raw = tl.load(w_ptr + blk[:, :, None] + 2 + i[None, None, :])     # [BN, BLOCKS, 32] codes
+        bn: tl.constexpr = raw.shape[0]
+        raw = tl.reshape(raw, (bn, BLOCKS * 32))
+        if ASM != 0:
+            a = tl.reshape(tl.broadcast_to(d.to(DOT)[:, :, None], (bn, BLOCKS, 32)), (bn, BLOCKS * 32))
+            w = _i8_ptx(raw, a, tl.zeros_like(a), ASM == 1)
+        else:
+            a = tl.reshape(tl.broadcast_to(d.to(tl.float32)[:, :, None], (bn, BLOCKS, 32)), (bn, BLOCKS * 32))
+            w = (raw.to(tl.int8, bitcast=True).to(tl.float32) * a).to(DOT)
+        return _mma(acc, w, _xt(x_ptr, rm, stride_xm, b0 * 32, BLOCKS * 32, DOT), UPCAST, IEEE)
+
+    @triton.jit
     def _gguf_kernel(x_ptr, w_ptr, h_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
                      M, N, n_blocks, row_bytes, stride_xm, stride_ym,
                      TYPE: tl.constexpr, QK: tl.constexpr, BPB: tl.constexpr, BLOCKS: tl.constexpr,
                      HAS_BIAS: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
                      UPCAST: tl.constexpr, IEEE: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K,
-                     GROUP_N: tl.constexpr):
-        """acc[n, m] = sum over blocks of W_block[n] . x[m, block]; BLOCKS blocks per iteration."""
+                     GROUP_N: tl.constexpr, WIDE: tl.constexpr = False):
+        """acc[n, m] = sum over blocks of W_block[n] . x[m, block]; BLOCKS blocks per iteration
+        (WIDE, q8_0 only: as one tile, _q8_0_blocks)."""
         pid_n, pid_m = _tile_ids(N, M, BLOCK_N, BLOCK_M, GROUP_N)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -345,10 +369,14 @@ if triton is not None:
         i1 = tl.minimum(i0 + per, n_iters)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for it in range(i0, i1):
-            for bb in tl.static_range(BLOCKS):
-                b = it * BLOCKS + bb
-                acc = _gguf_block(acc, w_ptr, h_ptr, x_ptr, row + b * BPB, b * QK, rm, stride_xm,
-                                  TYPE, ASM, DOT, UPCAST, IEEE, y_ptr, offs_n, N, 0, False)
+            if WIDE:
+                acc = _q8_0_blocks(acc, w_ptr, h_ptr, x_ptr, row, it * BLOCKS, rm, stride_xm, BLOCKS,
+                                   ASM, DOT, UPCAST, IEEE)
+            else:
+                for bb in tl.static_range(BLOCKS):
+                    b = it * BLOCKS + bb
+                    acc = _gguf_block(acc, w_ptr, h_ptr, x_ptr, row + b * BPB, b * QK, rm, stride_xm,
+                                      TYPE, ASM, DOT, UPCAST, IEEE, y_ptr, offs_n, N, 0, False)
         _epilogue(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, offs_n, offs_m, N, M, stride_ym,
                   pid_n * tl.cdiv(M, BLOCK_M) + pid_m, tl.cdiv(N, BLOCK_N) * tl.cdiv(M, BLOCK_M), pid_k,
                   SPLIT_K, HAS_BIAS, BLOCK_N, BLOCK_M)
@@ -418,6 +446,8 @@ def run_gguf(x: torch.Tensor, qw, bias: torch.Tensor | None, kind: str = "gemm",
     blocks = max(1, min(cfg["K_PER_ITER"] // qk, n_blocks))
     while n_blocks % blocks:
         blocks -= 1
+    # q8_0's blocks of an iteration as one tile (a power of two of them: a Triton tensor shape)
+    wide = t == "q8_0" and cfg.get("WIDE", False) and blocks & (blocks - 1) == 0
     iters = n_blocks // blocks
     bn, bm, tiles, split = _launch_grid(kind, m, n, iters, x.device, cfg)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -427,7 +457,7 @@ def run_gguf(x: torch.Tensor, qw, bias: torch.Tensor | None, kind: str = "gemm",
         m, n, n_blocks, w.stride(0), x.stride(0), y.stride(0),
         TYPE=TYPE_IDS[t], QK=qk, BPB=bpb, BLOCKS=blocks, HAS_BIAS=bias is not None, DOT=dot,
         ASM=(1 if x.dtype == torch.bfloat16 else 2) if use_asm else 0, UPCAST=upcast, IEEE=ieee,
-        BLOCK_N=bn, BLOCK_M=bm, SPLIT_K=split, GROUP_N=cfg.get("GROUP_N", 1),
+        BLOCK_N=bn, BLOCK_M=bm, SPLIT_K=split, GROUP_N=cfg.get("GROUP_N", 1), WIDE=wide,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 

@@ -148,6 +148,23 @@ def test_gguf_compiled(gtype, dtype):
         close(a, c, x, w, None, dtype, f"{gtype} ptx vs portable")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("over", [{"WIDE": False}, {"WIDE": True}, {"WIDE": True, "BLOCK_N": 64, "K_PER_ITER": 128},
+                                  {"WIDE": True, "K_PER_ITER": 512, "num_warps": 8}])
+def test_gguf_q8_0_wide_tiles(over, dtype):
+    """q8_0 with an iteration's blocks decoded as one tile (WIDE) or one block at a time, with
+    4, 8 and 16 blocks per iteration, split-K and the tiled GEMM, against the reference."""
+    s = omniq.get_scheme("gguf", type="q8_0")
+    n, k = 520, 32 * 64
+    qw = s.quantize(weight(n, k, spread=3))
+    w = s.dequantize(qw)
+    for kind, m in (("splitk", 1), ("splitk", 17), ("gemm", 70)):
+        x = act((m, k), dtype, seed=m)
+        b = torch.randn(n, device=DEV).to(dtype)
+        y = tg.run_gguf(x, qw, b, kind, dict(tg.config_for(kind, "q8_0", m, n, k), **over))
+        close(y, s.matmul(x, qw, b), x, w, b, dtype, f"q8_0 {kind} M={m} {over}")
+
+
 @pytest.mark.parametrize("kernel,name,params", [("triton.fp4.splitk", "mxfp4", {"activation": None}),
                                                 ("triton.gguf.splitk", "gguf", {"type": "q4_k"}),
                                                 ("triton.mxfp8.splitk", "mxfp8", {}),

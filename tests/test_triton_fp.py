@@ -143,6 +143,21 @@ def test_gguf_kernels_match_reference(gtype, data):
     check_kernel(f"triton.gguf.{p['kernel']}", qw, x, bias, p["dtype"], f"gguf {gtype} {p}")
 
 
+@pytest.mark.parametrize("over", [{"WIDE": True, "K_PER_ITER": 128}, {"WIDE": True, "K_PER_ITER": 256, "BLOCK_N": 32},
+                                  {"WIDE": True, "K_PER_ITER": 512}])
+@pytest.mark.parametrize("kind,m", [("splitk", 1), ("splitk", 5), ("gemm", 20)])
+def test_gguf_q8_0_wide_tiles_match_reference(over, kind, m):
+    """q8_0 with an iteration's 4, 8 or 16 blocks decoded as one tile (WIDE)."""
+    scheme = omniq.get_scheme("gguf", type="q8_0")
+    n, k = 40, 32 * 16
+    qw = scheme.quantize(gen_weight(n, k, 7, spread=3))
+    x = gen_x((m, k), torch.bfloat16, 8)
+    bias = torch.randn(n).to(torch.bfloat16)
+    y = tg.run_gguf(x, qw, bias, kind, dict(tg.config_for(kind, "q8_0", m, n, k), **over))
+    assert_close_to_reference(y, scheme.matmul(x, qw, bias), x, scheme.dequantize(qw), torch.bfloat16,
+                              f"q8_0 wide {kind} M={m} {over}", bias)
+
+
 @pytest.mark.parametrize("gtype", ["q8_0", "q4_k", "q6_k", "q3_k"])
 def test_gguf_kernel_decodes_random_block_bytes(gtype):
     """Any valid bytes (finite f16 d/dmin), not only what omniq's quantizer writes: the kernel
