@@ -224,7 +224,7 @@ TUNED: dict = {
 def launch_choice(m: int, n: int, k: int) -> dict:
     """target_ctas, row_tiles and min_blocks for an M x N x K call: the module defaults, then TUNED."""
     cfg = dict(target_ctas=TARGET_CTAS, row_tiles=ROW_TILES, min_blocks=MIN_BLOCKS)
-    cfg.update(TUNED.get((n, k, 1 if m <= 8 else 2), {}))
+    cfg.update(TUNED.get((n, k, cuda_common.mma_tiles(m)), {}))
     return cfg
 
 _VARIANTS: dict = {}
@@ -248,10 +248,11 @@ def variant(bf16: bool, mt: int, zmode: int, scale_dtype: torch.dtype, has_bias:
 
 
 def launch_config(m: int, n: int, kw: int, target_ctas: int | None = None,
-                  row_tiles: int = 1) -> tuple[int, int, int, int]:
+                  row_tiles: int = 1, capacity: int | None = None) -> tuple[int, int, int, int]:
     """(CTA row tiles, splits, blocks per split, m tiles) for an M x N problem over kw words per
-    row, with `row_tiles` 16-row tiles per warp."""
-    return cuda_common.launch_config(m, n, kw // 16, target_ctas or TARGET_CTAS, ROWS_PER_CTA * row_tiles)
+    row, with `row_tiles` 16-row tiles per warp (capacity: cuda_common.launch_config)."""
+    return cuda_common.launch_config(m, n, kw // 16, target_ctas or TARGET_CTAS, ROWS_PER_CTA * row_tiles,
+                                     capacity)
 
 
 def group_args(p) -> tuple[int, int]:
@@ -289,11 +290,11 @@ def run(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
     m, n, kw = x.shape[0], p.n, p.qweight.shape[1]
     cfg = launch_choice(m, n, k)
     rt = cfg["row_tiles"]
-    tiles, splits, bps, mt = launch_config(m, n, kw, cfg["target_ctas"], rt)
-    y, ws, cnt, bias = cuda_common.outputs(x, n, splits, tiles, bias)
     gmode, gshift = group_args(p)
-    kern = variant(x.dtype == torch.bfloat16, mt, p.zmode, p.scales.dtype, bias is not None, rt, gmode,
-                   cfg["min_blocks"])
+    kern = variant(x.dtype == torch.bfloat16, cuda_common.mma_tiles(m), p.zmode, p.scales.dtype, bias is not None, rt,
+                   gmode, cfg["min_blocks"])
+    tiles, splits, bps, mt = launch_config(m, n, kw, cfg["target_ctas"], rt, kern.resident_ctas(x.device, 128))
+    y, ws, cnt, bias = cuda_common.outputs(x, n, splits, tiles, bias)
     kern(x.device, (tiles, splits), (128,),
          [x, p.qweight, p.scales, p.zeros, bias, y, ws, cnt,
           m, n, k, kw, gshift, p.n_groups, x.stride(0), p.zc, bps, splits])

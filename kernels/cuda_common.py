@@ -126,13 +126,23 @@ TARGET_CTAS = 4 * 132    # enough resident 4-warp CTAs to keep every H200 SM's l
 
 
 def launch_config(m: int, n: int, steps: int, target_ctas: int = TARGET_CTAS,
-                  rows_per_cta: int = ROWS_PER_CTA) -> tuple[int, int, int, int]:
+                  rows_per_cta: int = ROWS_PER_CTA, capacity: int | None = None) -> tuple[int, int, int, int]:
     """(row tiles, K splits, K steps per split, MMA token tiles) for M tokens, N rows and
-    `steps` K steps per row: enough CTAs to fill the GPU, no empty split."""
+    `steps` K steps per row: enough CTAs to fill the GPU, no empty split. `capacity` (the CTAs
+    resident at once, NvrtcKernel.resident_ctas) caps the splits so that the grid stays one wave
+    when it can: rounding the splits up past it left a second wave of a few CTAs, which doubled
+    the int4 GEMV's time from M = 8 to M = 16 (640 CTAs at 4 per SM; h200-2026-11-29e/ncu.txt)."""
     tiles = -(-n // rows_per_cta)
     want = max(1, min(steps, -(-target_ctas // tiles)))
+    if capacity:
+        want = max(1, min(want, capacity // tiles))
     per = -(-steps // want)
-    return tiles, -(-steps // per), per, (1 if m <= 8 else 2)
+    return tiles, -(-steps // per), per, mma_tiles(m)
+
+
+def mma_tiles(m: int) -> int:
+    """8-token MMA tiles for M tokens (M <= 16): the kernels' MT."""
+    return 1 if m <= 8 else 2
 
 
 def prepared_reason(p, kernel: str, unsupported) -> str | None:

@@ -243,9 +243,10 @@ def variant(bf16: bool, mt: int, fmt: int, h: int, has_bias: bool, pf: int | Non
     return k
 
 
-def launch_config(m: int, n: int, kb: int, target_ctas: int | None = None) -> tuple[int, int, int, int]:
+def launch_config(m: int, n: int, kb: int, target_ctas: int | None = None,
+                  capacity: int | None = None) -> tuple[int, int, int, int]:
     """(row tiles, splits, steps per split, m tiles) for an M x N problem over kb bytes per row."""
-    return cuda_common.launch_config(m, n, -(-kb // STEP_BYTES), target_ctas or TARGET_CTAS)
+    return cuda_common.launch_config(m, n, -(-kb // STEP_BYTES), target_ctas or TARGET_CTAS, capacity=capacity)
 
 
 def unsupported(p) -> str | None:
@@ -269,9 +270,9 @@ def run(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
     """y[M, N] = x @ W^T (+ bias) for M <= 16, x bf16 / fp16 [M, K], W in triton.fp4.v1."""
     x = cuda_common.checked_input("cuda.fp4.mma_gemv", p, x, unsupported, MAX_M)
     (m, k), n, kb = x.shape, p.n, p.qweight.shape[1]
-    tiles, splits, bps, mt = launch_config(m, n, kb, TARGET_CTAS)
+    kern = variant(x.dtype == torch.bfloat16, cuda_common.mma_tiles(m), p.fmt, p.h, bias is not None)
+    tiles, splits, bps, mt = launch_config(m, n, kb, TARGET_CTAS, kern.resident_ctas(x.device, 128))
     y, ws, cnt, bias = cuda_common.outputs(x, n, splits, tiles, bias)
-    kern = variant(x.dtype == torch.bfloat16, mt, p.fmt, p.h, bias is not None)
     kern(x.device, (tiles, splits), (128,),
          [x, p.qweight, p.scales, p.rexp, bias, y, ws, cnt,
           m, n, k, kb, x.stride(0), bps, splits, float(p.gscale)])

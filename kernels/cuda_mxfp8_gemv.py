@@ -259,9 +259,10 @@ def variant(mt: int, has_bias: bool, pf: int | None = None,
     return k
 
 
-def launch_config(m: int, n: int, k: int, target_ctas: int | None = None) -> tuple[int, int, int, int]:
+def launch_config(m: int, n: int, k: int, target_ctas: int | None = None,
+                  capacity: int | None = None) -> tuple[int, int, int, int]:
     """(row tiles, splits, steps per split, token tiles) for M x N over K."""
-    return cuda_common.launch_config(m, n, -(-k // STEP_K), target_ctas or TARGET_CTAS)
+    return cuda_common.launch_config(m, n, -(-k // STEP_K), target_ctas or TARGET_CTAS, capacity=capacity)
 
 
 def activation_reason(scheme, act_dtype: torch.dtype) -> str | None:
@@ -303,9 +304,9 @@ def run(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
         raise KernelError(f"{where(p.name)}cuda.mxfp8.gemv: {why}")
     xk = _operand(x, p)
     (m, k), n = x.shape, p.n
-    tiles, splits, bps, mt = launch_config(m, n, k, TARGET_CTAS)
+    kern = variant(cuda_common.mma_tiles(m), bias is not None)
+    tiles, splits, bps, mt = launch_config(m, n, k, TARGET_CTAS, kern.resident_ctas(x.device, 128))
     y, ws, cnt, bias = cuda_common.outputs(x, n, splits, tiles, bias)
-    kern = variant(mt, bias is not None)
     kern(x.device, (tiles, splits), (128,),
          [xk, p.weight.view(torch.uint8), p.scales, p.rexp, bias, y, ws, cnt, m, n, k, xk.stride(0), bps, splits])
     return y

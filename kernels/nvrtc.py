@@ -177,6 +177,7 @@ class NvrtcKernel:
         self.name = name
         self.signature = signature
         self._funcs: dict[int, ctypes.c_void_p] = {}
+        self._occupancy: dict = {}
         self._keep: list = []
         self.key = hashlib.sha1(self.source.encode()).hexdigest()[:12]
 
@@ -204,6 +205,24 @@ class NvrtcKernel:
                 fn = kern.func
                 self._funcs[idx] = fn
         return fn
+
+    def resident_ctas(self, device: torch.device, threads: int, shared_mem: int = 0) -> int:
+        """CTAs of `threads` threads that fit on the whole GPU at once (one wave): the driver's
+        occupancy for this compiled variant (its registers decide it) times the SM count."""
+        fn = self._function(device)
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        key = ("resident", idx, threads, shared_mem)
+        got = self._occupancy.get(key)
+        if got is None:
+            per_sm = ctypes.c_int(0)
+            res = _driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                ctypes.byref(per_sm), fn, ctypes.c_int(threads), ctypes.c_size_t(shared_mem))
+            if res != 0:
+                raise RuntimeError(f"omniq: cuOccupancyMaxActiveBlocksPerMultiprocessor({self.name}) failed "
+                                   f"with CUDA error {res}")
+            got = max(1, per_sm.value) * torch.cuda.get_device_properties(idx).multi_processor_count
+            self._occupancy[key] = got
+        return got
 
     def __call__(self, device: torch.device, grid, block, args, shared_mem: int = 0, pdl: bool = False) -> None:
         if len(args) != len(self.signature):

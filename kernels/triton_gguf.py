@@ -411,7 +411,20 @@ BY_M = {("splitk", 32): {"BLOCK_M": 32}, ("splitk", 64): {"BLOCK_M": 64},
 # 128-row tiles for q8_0 (1.55x faster than 64) and q6_k (1.47x), 512 K per iteration for q4_k
 BY_TYPE = {("splitk", "q8_0"): {"BLOCK_N": 128}, ("splitk", "q6_k"): {"BLOCK_N": 128},
            ("splitk", "q4_k"): {"K_PER_ITER": 512}}
-TUNED: dict = {}   # (kind, type, n, k, m_bucket) -> overrides
+# (kind, type, n, k, m_bucket) -> overrides. q8_0 split-K with WIDE tiles, from
+# benchmarks/results/h200-2026-11-29e/probe_q8_wide.txt (H200, us, block by block -> wide):
+# 8192^2 M=1 71.4 -> 55.8, M=16 74.7 -> 56.0, M=64 97.0 -> 75.3 (BLOCK_N 64); 3072x12288 M=1
+# 47.2 -> 37.7, M=16 49.4 -> 38.0, M=64 68.2 -> 58.0 (BLOCK_N 64, 128 K per iteration);
+# 12288x3072 M=64 83.3 -> 55.2 (BLOCK_N 64). 12288x3072 at M <= 16 stays block by block (42.0 us
+# against 47.3 at best wide). The M = 1 and 16 results agree, so the buckets between take them too.
+_Q8_WIDE = {"WIDE": True}
+TUNED: dict = {
+    **{("splitk", "q8_0", 8192, 8192, mb): _Q8_WIDE for mb in (1, 2, 4, 8, 16)},
+    **{("splitk", "q8_0", 3072, 12288, mb): _Q8_WIDE for mb in (1, 2, 4, 8, 16)},
+    ("splitk", "q8_0", 8192, 8192, 64): {"WIDE": True, "BLOCK_N": 64},
+    ("splitk", "q8_0", 12288, 3072, 64): {"WIDE": True, "BLOCK_N": 64},
+    ("splitk", "q8_0", 3072, 12288, 64): {"WIDE": True, "BLOCK_N": 64, "K_PER_ITER": 128},
+}
 
 
 def config_for(kind: str, gtype: str, m: int, n: int, k: int) -> dict:

@@ -140,14 +140,26 @@ def test_nan_scale_row_is_flagged():
 
 # ---- host side: launch arithmetic, signature, variants, reasons -------------------------------
 @settings(max_examples=100, deadline=None)
-@given(m=st.integers(1, 16), n=st.integers(1, 40000), k16=st.integers(1, 1000), target=st.sampled_from((1, 528, 4096)))
-def test_launch_config_covers_every_row_and_step(m, n, k16, target):
+@given(m=st.integers(1, 16), n=st.integers(1, 40000), k16=st.integers(1, 1000), target=st.sampled_from((1, 528, 4096)),
+       capacity=st.sampled_from((None, 1, 132, 528, 660)))
+def test_launch_config_covers_every_row_and_step(m, n, k16, target, capacity):
     k = 16 * k16
-    tiles, splits, bps, mt = mx8.launch_config(m, n, k, target)
+    tiles, splits, bps, mt = mx8.launch_config(m, n, k, target, capacity)
     steps = -(-k // mx8.STEP_K)
     assert tiles * 64 >= n > (tiles - 1) * 64
     assert splits * bps >= steps > (splits - 1) * bps
     assert mt * 8 >= m and (mt == 1 or m > 8)
+    if capacity and tiles <= capacity:   # one wave whenever the row tiles alone fit in one
+        assert tiles * splits <= capacity
+
+
+def test_launch_config_keeps_one_wave():
+    """8192 rows (128 CTAs of 64) at a 528-CTA target: ceil gives 5 splits (640 CTAs), which is
+    one wave at 5 resident CTAs per SM (660) and a 112-CTA second wave at 4 (528)."""
+    from omniq.kernels import cuda_common
+    assert cuda_common.launch_config(16, 8192, 512, 528, 64, capacity=660)[1] == 5
+    assert cuda_common.launch_config(16, 8192, 512, 528, 64, capacity=528)[1] == 4
+    assert cuda_common.launch_config(16, 8192, 512, 528, 64)[1] == 5
 
 
 def test_signature_matches_kernel_parameters():
