@@ -209,11 +209,11 @@ class NvrtcKernel:
     def resident_ctas(self, device: torch.device, threads: int, shared_mem: int = 0) -> int:
         """CTAs of `threads` threads that fit on the whole GPU at once (one wave): the driver's
         occupancy for this compiled variant (its registers decide it) times the SM count."""
-        fn = self._function(device)
         idx = device.index if device.index is not None else torch.cuda.current_device()
-        key = ("resident", idx, threads, shared_mem)
+        key = (idx, threads, shared_mem)
         got = self._occupancy.get(key)
         if got is None:
+            fn = self._function(device)
             per_sm = ctypes.c_int(0)
             res = _driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(
                 ctypes.byref(per_sm), fn, ctypes.c_int(threads), ctypes.c_size_t(shared_mem))

@@ -202,3 +202,34 @@ def test_refused_pdl_launch_under_capture_raises(fake_ex_driver, monkeypatch):
     with pytest.raises(RuntimeError, match="CUDA error 700"):
         _kernel()(torch.device("cuda", 0), (1,), (32,), [None, 0, 0.0], pdl=True)
     assert not plain
+
+
+def test_resident_ctas_is_the_drivers_occupancy_times_the_sms(monkeypatch):
+    """One occupancy query per (device, block, shared memory), times the SM count; a driver error
+    is raised with the kernel's name, not turned into a guess."""
+    asked = []
+
+    class Lib:
+        def __init__(self, per_sm, res=0):
+            self.per_sm, self.res = per_sm, res
+
+        def cuOccupancyMaxActiveBlocksPerMultiprocessor(self, out, fn, threads, smem):
+            asked.append((fn.value, threads.value, smem.value))
+            out._obj.value = self.per_sm
+            return self.res
+
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda idx: Props())
+    k = nvrtc.NvrtcKernel("", "gemv", "p")
+    k._funcs[0] = ctypes.c_void_p(7)
+    monkeypatch.setattr(nvrtc, "_driver", lambda: Lib(4))
+    dev = torch.device("cuda", 0)
+    assert k.resident_ctas(dev, 128) == 528 and k.resident_ctas(dev, 128) == 528
+    assert asked == [(7, 128, 0)], "asked once per (device, threads, shared memory)"
+    monkeypatch.setattr(nvrtc, "_driver", lambda: Lib(5))
+    assert k.resident_ctas(dev, 256, 1024) == 660 and asked[-1] == (7, 256, 1024)
+    monkeypatch.setattr(nvrtc, "_driver", lambda: Lib(0, res=98))
+    with pytest.raises(RuntimeError, match="gemv.*CUDA error 98"):
+        k.resident_ctas(dev, 64)
