@@ -57,7 +57,7 @@ def _quantize_torch(x: torch.Tensor, p: w8a8.W8A8Prepared):
     if p.fp8:
         from omniq.formats.fp8 import saturating_cast
         if p.act == w8a8.ACT_TOKEN:
-            s = (xf.abs().amax(-1, keepdim=True) / w8a8.E4M3_MAX).clamp(min=w8a8.TOKEN_SCALE_MIN)
+            s = div_const(xf.abs().amax(-1, keepdim=True), w8a8.E4M3_MAX).clamp(min=w8a8.TOKEN_SCALE_MIN)
             q = saturating_cast(xf / s)
         else:
             s = p.input_scale.reshape(1, 1).expand(x.shape[0], 1) if p.act == w8a8.ACT_STATIC else \
@@ -67,11 +67,11 @@ def _quantize_torch(x: torch.Tensor, p: w8a8.W8A8Prepared):
         return q, s.reshape(-1).contiguous(), None
     if p.act == w8a8.ACT_TOKEN and p.act_symmetric:
         amax = xf.abs().amax(-1, keepdim=True)
-        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+        inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
         q = torch.round(xf * inv).clamp(-128, 127)
-        s = amax / 127.0
+        s = div_const(amax, 127.0)
     elif p.act == w8a8.ACT_TOKEN_DIV:
-        s = xf.abs().amax(-1, keepdim=True) / 127.0
+        s = div_const(xf.abs().amax(-1, keepdim=True), 127.0)
         q = torch.round(xf / torch.where(s == 0, torch.ones_like(s), s)).clamp(-128, 127)
     elif p.act == w8a8.ACT_STATIC_OFFSET:
         q = torch.round(xf / p.input_scale + p.input_zero_point.float()).clamp(-128, 127)

@@ -148,6 +148,22 @@ def test_gguf_compiled(gtype, dtype):
         close(a, c, x, w, None, dtype, f"{gtype} ptx vs portable")
 
 
+def test_scheme_quantization_is_the_same_on_the_gpu():
+    """Scales divided by constants (omniq.schemes.base.div_const) round once on every device:
+    NVFP4's weight scales and the dual-scale MXFP4 activation's coarse scale, CUDA against CPU."""
+    w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(5)) * 0.02
+    s = omniq.get_scheme("nvfp4", activation=None)
+    cpu, gpu = s.quantize(w), s.quantize(w.to(DEV))
+    for name, t in cpu.tensors.items():
+        assert torch.equal(gpu.tensors[name].cpu().view(torch.uint8) if t.dtype == torch.float8_e4m3fn
+                           else gpu.tensors[name].cpu(), t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn
+                           else t), f"nvfp4 {name} differs"
+    d = omniq.get_scheme("mxfp4_dualscale", activation="mxfp4_dualscale")
+    qw = d.quantize(w, mul_scale=torch.rand(1024, generator=torch.Generator().manual_seed(6)) + 0.5)
+    x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(7)) * 3
+    assert torch.equal(d.quantize_activation(x.to(DEV), qw.to(DEV)).cpu(), d.quantize_activation(x, qw))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("over", [{"WIDE": False}, {"WIDE": True}, {"WIDE": True, "BLOCK_N": 64, "K_PER_ITER": 128},
                                   {"WIDE": True, "K_PER_ITER": 512, "num_warps": 8}])

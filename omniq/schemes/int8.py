@@ -162,7 +162,7 @@ class Int8Scheme(QuantScheme):
             tensors["input_scale"] = div_const(x.abs().amax(), QMAX).clamp(min=_TINY).reshape(1)
         else:
             lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
-            s = ((hi - lo) / 255.0).clamp(min=_TINY)
+            s = div_const(hi - lo, 255.0).clamp(min=_TINY)
             tensors["input_scale"] = s.reshape(1)
             zp = torch.round(-128.0 - lo / s).clamp(QMIN, QMAX).to(torch.int32)
             tensors["input_zero_point"] = zp.reshape(1)

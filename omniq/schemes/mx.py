@@ -28,7 +28,7 @@ from omniq.formats.e2m1 import E2M1_MAX, ROUNDING_RULES, decode_e2m1, encode_e2m
 from omniq.formats.e8m0 import E8M0_BIAS, SCALE_RULES, decode_e8m0, encode_e8m0, shared_exponent
 from omniq.formats.fp8 import E4M3_MAX, saturating_cast
 from omniq.formats.packing import pack_nibbles, unpack_nibbles
-from omniq.schemes.base import QuantizedWeight, QuantScheme, TensorSpec, check_choice
+from omniq.schemes.base import QuantizedWeight, QuantScheme, TensorSpec, check_choice, div_const
 from omniq.schemes.registry import scheme
 
 MX_BLOCK = 32      # OCP MX v1.0 block along K
@@ -124,7 +124,7 @@ def dual_level_quantize(x: torch.Tensor, rounding: str
     512-block keeps coarse = 0 and codes 0 (the sources divide 0/0 there)."""
     k = x.shape[-1]
     xb = to_blocks(x.float(), DUAL_BLOCK)
-    coarse = xb.abs().amax(dim=-1) / E2M1_MAX
+    coarse = div_const(xb.abs().amax(dim=-1), E2M1_MAX)
     safe = torch.where(coarse == 0, torch.ones_like(coarse), coarse)
     t = from_blocks(xb / safe.unsqueeze(-1), k)
     q, fine = mx_quantize(t, E2M1, "floor", rounding)

@@ -18,7 +18,7 @@ from omniq.errors import OmniqError, where
 from omniq.formats.e2m1 import E2M1_MAX, decode_e2m1, encode_e2m1
 from omniq.formats.fp8 import E4M3_MAX
 from omniq.formats.packing import pack_nibbles, unpack_nibbles
-from omniq.schemes.base import QuantizedWeight, QuantScheme, TensorSpec, check_choice
+from omniq.schemes.base import QuantizedWeight, QuantScheme, TensorSpec, check_choice, div_const
 from omniq.schemes.mx import expand_blocks, from_blocks, to_blocks
 from omniq.schemes.registry import scheme
 
@@ -89,7 +89,7 @@ class NVFP4Scheme(QuantScheme):
         gets ws2 = 1 and block scales 1."""
         w = w.float()
         amax = w.abs().amax()
-        ws2 = amax / GLOBAL_MAX
+        ws2 = div_const(amax, GLOBAL_MAX)
         ws2 = torch.where(ws2 == 0, torch.ones_like(ws2), ws2).reshape(1)
         sblk = to_blocks(w, NVFP4_BLOCK).abs().amax(dim=-1) / (E2M1_MAX * ws2)
         sblk = torch.where(sblk == 0, torch.ones_like(sblk), sblk)
@@ -169,5 +169,5 @@ class NVFP4Scheme(QuantScheme):
                              f"calibrate on finite samples")
         if amax == 0:
             return qw
-        s = (amax / GLOBAL_MAX).reshape(1).to(torch.float32)
+        s = div_const(amax, GLOBAL_MAX).reshape(1).to(torch.float32)
         return QuantizedWeight(self, qw.shape, {**qw.tensors, "input_scale": s}, name=qw.name)
