@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -66,11 +67,25 @@ def cubin_report(cubin: bytes) -> dict:
             f.write(cubin)
         res = subprocess.run([tool, "-res-usage", cub], capture_output=True, text=True).stdout
         sass = subprocess.run([tool, "-sass", cub], capture_output=True, text=True).stdout
-    code = [ln.split("*/", 1)[1].strip() for ln in sass.splitlines() if ln.strip().startswith("/*") and "*/" in ln]
-    usage = " ".join(w for w in res.split() if w.startswith(("REG:", "LOCAL:", "SHARED:")))
+    code = sass_code(sass)
+    # STACK too: spilled registers live in the stack frame while LOCAL (local arrays) stays 0, so
+    # LOCAL alone reads "no spills" for a kernel that spills; STL / LDL count the spill traffic
+    usage = " ".join(w for w in res.split() if w.startswith(("REG:", "STACK:", "LOCAL:", "SHARED:")))
+    ops = sass_opcodes(code)
     # (each instruction's encoding line leaves an empty entry: kept in the hash, as before)
-    return {"usage": usage, "instructions": sum(1 for c in code if c),
+    return {"usage": usage, "instructions": len(ops),
+            "spill_stores": sum(o.startswith("STL") for o in ops), "spill_loads": sum(o.startswith("LDL") for o in ops),
             "hash": hashlib.md5("\n".join(code).encode()).hexdigest()[:12]}
+
+
+def sass_code(sass: str) -> list:
+    """The text after each /*address*/ of cuobjdump -sass output (empty for encoding lines)."""
+    return [ln.split("*/", 1)[1].strip() for ln in sass.splitlines() if ln.strip().startswith("/*") and "*/" in ln]
+
+
+def sass_opcodes(code: list) -> list:
+    """Each instruction's opcode with its suffixes, the predicate guard (@P0, @!UP1) removed."""
+    return [re.sub(r"^@!?U?P\w+\s+", "", c).split()[0] for c in code if c]
 
 
 def main() -> int:
@@ -85,7 +100,7 @@ def main() -> int:
             defines = ";".join(ln[8:] for ln in k.source.splitlines() if ln.startswith("#define") and len(ln) < 40)
             key = f"{mod}|{k.name}|{defines}"
             hashes[key] = rep["hash"]
-            print(f"{key}: {rep['usage']} sass {hashes[key]}")
+            print(f"{key}: {rep['usage']} spills {rep['spill_stores']}/{rep['spill_loads']} sass {hashes[key]}")
     if args.hashes:
         with open(args.hashes, "w") as f:
             json.dump(hashes, f, indent=0, sort_keys=True)

@@ -140,7 +140,8 @@ def main() -> int:
              for k, v in json.loads(a.const).items()}
     rep = compile_report(fn, sig, const, a.warps, a.stages, a.arch,
                          tuple(c for c in a.count.split(",") if c), div16, **opts)
-    print(f"{a.kernel} sm_{a.arch} warps {a.warps}: {rep['usage']} sass {rep['instructions']} instructions "
+    print(f"{a.kernel} sm_{a.arch} warps {a.warps}: {rep['usage']} spill STL/LDL {rep['spill_stores']}/"
+          f"{rep['spill_loads']} sass {rep['instructions']} instructions "
           f"{rep['hash']}" + "".join(f" | {k} x{v}" for k, v in rep["ptx"].items()))
     if a.loads:
         print("PTX global loads: " + ", ".join(f"{k} x{v}" for k, v in rep["loads"].items()))
