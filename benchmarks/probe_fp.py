@@ -139,8 +139,6 @@ def task_list(args):
                 tasks.append((method, n, k, m, kind_for(m), None, None, "default"))
     if args.q8_wide:
         tasks += q8_wide_tasks()
-    if args.q4k_wide:
-        tasks += q4k_wide_tasks()
     if args.sweep:
         tasks += sweep_tasks()
         for method in args.methods:          # the tiled GEMM at large M, for comparison
@@ -162,24 +160,6 @@ def q8_wide_tasks():
         for m in (1, 16, 64):
             for label, o in cfgs:
                 t.append(("q8_0", n, k, m, "splitk", o, None, label))
-    return t
-
-
-def q4k_wide_tasks():
-    """q4_k split-K with an iteration's blocks as one tile (WIDE: int32 header words, one dot)
-    against one block at a time (the shipped config: BLOCK_N 64, 512 K per iteration)."""
-    t = []
-    cfgs = [("blockwise", {"WIDE": False}), ("wide", {"WIDE": True}),
-            ("wide-k256", {"WIDE": True, "K_PER_ITER": 256}),
-            ("wide-bn32", {"WIDE": True, "BLOCK_N": 32}),
-            ("wide-bn32-k1024", {"WIDE": True, "BLOCK_N": 32, "K_PER_ITER": 1024}),
-            ("wide-bn128-k256", {"WIDE": True, "BLOCK_N": 128, "K_PER_ITER": 256}),
-            ("wide-w8", {"WIDE": True, "num_warps": 8}),
-            ("wide-s4", {"WIDE": True, "num_stages": 4})]
-    for (n, k) in SHAPES:
-        for m in (1, 16, 64):
-            for label, o in cfgs:
-                t.append(("q4_k", n, k, m, "splitk", o, None, label))
     return t
 
 
@@ -240,7 +220,6 @@ def main():
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--q8-wide", action="store_true", help="time q8_0 split-K with WIDE tiles against block by block")
-    ap.add_argument("--q4k-wide", action="store_true", help="time q4_k split-K with WIDE tiles against block by block")
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

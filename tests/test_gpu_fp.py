@@ -181,28 +181,6 @@ def test_gguf_q8_0_wide_tiles(over, dtype):
         close(y, s.matmul(x, qw, b), x, w, b, dtype, f"q8_0 {kind} M={m} {over}")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("over", [{"WIDE": False}, {"WIDE": True}, {"WIDE": True, "K_PER_ITER": 256},
-                                  {"WIDE": True, "BLOCK_N": 32, "K_PER_ITER": 1024},
-                                  {"WIDE": True, "BLOCK_N": 128, "K_PER_ITER": 256, "num_warps": 8}])
-def test_gguf_q4_k_wide_tiles(over, dtype):
-    """q4_k with an iteration's blocks decoded as one tile (WIDE: int32 header words, the 4-byte
-    PTX nibble decode, one dot) or one block at a time, with 1, 2 and 4 blocks per iteration,
-    split-K and the tiled GEMM, against the reference; and the PTX decode against the portable one."""
-    s = omniq.get_scheme("gguf", type="q4_k")
-    n, k = 520, 256 * 8
-    qw = s.quantize(weight(n, k, spread=3))
-    w = s.dequantize(qw)
-    for kind, m in (("splitk", 1), ("splitk", 17), ("gemm", 70)):
-        x = act((m, k), dtype, seed=m)
-        b = torch.randn(n, device=DEV).to(dtype)
-        cfg = dict(tg.config_for(kind, "q4_k", m, n, k), **over)
-        y = tg.run_gguf(x, qw, b, kind, cfg)
-        close(y, s.matmul(x, qw, b), x, w, b, dtype, f"q4_k {kind} M={m} {over}")
-        c = tg.run_gguf(x, qw, b, kind, cfg, asm=False)
-        close(y, c, x, w, b, dtype, f"q4_k {kind} M={m} {over} ptx vs portable")
-
-
 @pytest.mark.parametrize("kernel,name,params", [("triton.fp4.splitk", "mxfp4", {"activation": None}),
                                                 ("triton.gguf.splitk", "gguf", {"type": "q4_k"}),
                                                 ("triton.mxfp8.splitk", "mxfp8", {}),
