@@ -44,8 +44,10 @@ import torch.nn.functional as F
 
 from omniq.dispatch import CHECKPOINT, Kernel, Layout, register_kernel
 from omniq.errors import KernelError, where
-from omniq.formats.fp8 import E4M3_MAX, saturating_cast
-from omniq.schemes.base import QuantizedWeight, div_const
+from omniq.schemes.base import QuantizedWeight
+from omniq.schemes.fp8 import fp8_activation_codes
+from omniq.schemes.int8 import int8_token_asym_params, int8_token_codes
+from omniq.schemes.msmodelslim import quantize_per_token_int8
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CACHE_ENV = "OMNIQ_CPU_DEQUANT_CACHE"
@@ -87,7 +89,6 @@ def _finish(y: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> t
 # =============================================================================================
 INT8_SCHEMES = ("int8", "w8a8", "w8a8_dynamic")
 QMIN, QMAX = -128, 127
-_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass
@@ -156,16 +157,11 @@ def quantize_int8_activation(x: torch.Tensor, p: Int8Prepared):
     xf = x.float()
     act = p.act
     if act == "token_sym":  # int8.quantize_activation, dynamic_token, symmetric
-        amax = xf.abs().amax(dim=-1, keepdim=True)
-        inv = torch.where(amax > 0, torch.full_like(amax, QMAX) / amax, torch.zeros_like(amax))
-        q = torch.round(xf * inv).clamp_(QMIN, QMAX).to(torch.int8)
-        return q, div_const(amax, QMAX), None
+        q, s = int8_token_codes(xf)
+        return q.to(torch.int8), s, None
     if act == "token_asym":
-        lo = xf.amin(dim=-1, keepdim=True)
-        hi = xf.amax(dim=-1, keepdim=True)
-        s = div_const(hi - lo, 255.0)
-        s = torch.where(s > 0, s, div_const(hi.abs(), QMAX).clamp(min=_TINY))
-        azp = torch.round(-128.0 - lo / s).clamp(-2.0**31, 2.0**31 - 1).double()
+        s, azp = int8_token_asym_params(xf)
+        azp = azp.double()
         q = (torch.round(xf * (1.0 / s)).double() + azp).clamp_(QMIN, QMAX).to(torch.int8)
         return q, s, azp
     if act == "static_sym":
@@ -179,10 +175,9 @@ def quantize_int8_activation(x: torch.Tensor, p: Int8Prepared):
     if act == "ms_static":  # msmodelslim.quantize_static_int8
         q = torch.round(xf / p.in_scale + p.in_zp).clamp_(QMIN, QMAX).to(torch.int8)
         return q, None, None
-    if act == "ms_token":  # msmodelslim.quantize_per_token_int8
-        s = div_const(xf.abs().amax(dim=-1, keepdim=True), QMAX)
-        safe = torch.where(s == 0, torch.ones_like(s), s)
-        return torch.round(xf / safe).clamp_(QMIN, QMAX).to(torch.int8), s, None
+    if act == "ms_token":
+        q, s = quantize_per_token_int8(xf)
+        return q.to(torch.int8), s, None
     raise KernelError(f"cpu.int8: activation mode {act!r} has no int8 activation codes")
 
 
@@ -656,22 +651,11 @@ class FP8ScaledMM(_Cpu):
         return None
 
     def run(self, x, p, bias):
-        from omniq.schemes.fp8 import TOKEN_SCALE_MIN
-        xf = x.float()
-        m = xf.shape[0]
-        if p.act == "dynamic_token":
-            s = div_const(xf.abs().amax(dim=-1, keepdim=True), E4M3_MAX).clamp(min=TOKEN_SCALE_MIN)
-            xq = saturating_cast(xf / s)
-        elif p.act == "dynamic_tensor":
-            s = div_const(xf.abs().amax(), E4M3_MAX)
-            inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-            xq = saturating_cast(xf * inv)
-            s = s.reshape(1, 1)
-        else:
-            s = p.in_scale
-            xq = saturating_cast(xf * (1.0 / s))
-        y = torch._scaled_mm(xq, p.weight.t(), s.expand(m, 1).contiguous(), p.w_scale.contiguous(),
-                             out_dtype=torch.float32)
+        xq, s = fp8_activation_codes(x.float(), p.act, p.in_scale)
+        # one scale per row, materialized (torch._scaled_mm wants stride 1 along the last dim)
+        s = torch.broadcast_to(s, (x.shape[0], 1)).clone(memory_format=torch.contiguous_format)
+        y = torch._scaled_mm(xq, p.weight.t(), s,
+                             p.w_scale.contiguous(), out_dtype=torch.float32)
         return _finish(y, bias, x.dtype)
 
 

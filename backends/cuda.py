@@ -19,7 +19,6 @@ import torch
 
 from omniq.dispatch import Kernel, Layout, register_kernel
 from omniq.errors import KernelError, where
-from omniq.schemes.base import div_const
 from omniq.kernels import cuda_affine_mma as affine_mma
 from omniq.kernels import triton_affine as affine
 from omniq.kernels.nvrtc import cuda_device_reason, nvrtc_reason
@@ -52,27 +51,22 @@ def _quantize(x: torch.Tensor, p: w8a8.W8A8Prepared):
 
 def _quantize_torch(x: torch.Tensor, p: w8a8.W8A8Prepared):
     # fallback for machines without Triton; the same operations as the kernel, eagerly
+    from omniq.schemes.fp8 import fp8_activation_codes
+    from omniq.schemes.int8 import int8_token_codes
+    from omniq.schemes.msmodelslim import quantize_per_token_int8
     xf = x.float()
     azp = None
     if p.fp8:
-        from omniq.formats.fp8 import saturating_cast
-        if p.act == w8a8.ACT_TOKEN:
-            s = div_const(xf.abs().amax(-1, keepdim=True), w8a8.E4M3_MAX).clamp(min=w8a8.TOKEN_SCALE_MIN)
-            q = saturating_cast(xf / s)
-        else:
-            s = p.input_scale.reshape(1, 1).expand(x.shape[0], 1) if p.act == w8a8.ACT_STATIC else \
-                div_const(xf.abs().amax(), w8a8.E4M3_MAX).reshape(1, 1).expand(x.shape[0], 1)
-            inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-            q = saturating_cast(xf * inv)
-        return q, s.reshape(-1).contiguous(), None
+        mode = {w8a8.ACT_TOKEN: "dynamic_token", w8a8.ACT_STATIC: "static_tensor",
+                w8a8.ACT_TENSOR: "dynamic_tensor"}.get(p.act)
+        if mode is None:
+            raise KernelError("fp8 block activations without Triton are not wired; install triton")
+        q, s = fp8_activation_codes(xf, mode, p.input_scale)
+        return q, torch.broadcast_to(s, (x.shape[0], 1)).reshape(-1).clone(memory_format=torch.contiguous_format), None
     if p.act == w8a8.ACT_TOKEN and p.act_symmetric:
-        amax = xf.abs().amax(-1, keepdim=True)
-        inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
-        q = torch.round(xf * inv).clamp(-128, 127)
-        s = div_const(amax, 127.0)
+        q, s = int8_token_codes(xf)
     elif p.act == w8a8.ACT_TOKEN_DIV:
-        s = div_const(xf.abs().amax(-1, keepdim=True), 127.0)
-        q = torch.round(xf / torch.where(s == 0, torch.ones_like(s), s)).clamp(-128, 127)
+        q, s = quantize_per_token_int8(xf)
     elif p.act == w8a8.ACT_STATIC_OFFSET:
         q = torch.round(xf / p.input_scale + p.input_zero_point.float()).clamp(-128, 127)
         s = torch.ones(x.shape[0], 1, device=x.device)

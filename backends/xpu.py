@@ -22,7 +22,7 @@ import torch
 
 from omniq.dispatch import Kernel, Layout, Problem, register_kernel
 from omniq.errors import OmniqError, where
-from omniq.schemes.base import QuantizedWeight, QuantScheme, div_const
+from omniq.schemes.base import QuantizedWeight, QuantScheme
 
 DEVICE_TYPE = "xpu"
 HALF = (torch.float16, torch.bfloat16)
@@ -255,20 +255,9 @@ def _prepare_fp8(qw: QuantizedWeight, device) -> _FP8:
 
 
 def _fp8_quantize(x: torch.Tensor, p: _FP8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_q e4m3, scale_a) by the fp8 scheme's activation formulas (omniq.schemes.fp8), which
-    the scheme applies as fake quantization and a kernel needs as codes and scales."""
-    from omniq.formats.fp8 import E4M3_MAX, saturating_cast
-    from omniq.schemes.fp8 import TOKEN_SCALE_MIN
-    xf = x.float()
-    if p.activation == "dynamic_token":
-        s = div_const(xf.abs().amax(dim=-1, keepdim=True), E4M3_MAX).clamp(min=TOKEN_SCALE_MIN)
-        return saturating_cast(xf / s), s
-    if p.activation == "dynamic_tensor":
-        s = div_const(xf.abs().amax(), E4M3_MAX)
-        inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-        return saturating_cast(xf * inv), s
-    s = p.input_scale
-    return saturating_cast(xf * (1.0 / s)), s
+    """(x_q e4m3, scale_a) by the fp8 scheme's activation formulas (omniq.schemes.fp8)."""
+    from omniq.schemes.fp8 import fp8_activation_codes
+    return fp8_activation_codes(x.float(), p.activation, p.input_scale)
 
 
 @register_kernel

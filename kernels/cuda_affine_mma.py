@@ -293,7 +293,7 @@ def run(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
     gmode, gshift = group_args(p)
     kern = variant(x.dtype == torch.bfloat16, cuda_common.mma_tiles(m), p.zmode, p.scales.dtype, bias is not None, rt,
                    gmode, cfg["min_blocks"])
-    tiles, splits, bps, mt = launch_config(m, n, kw, cfg["target_ctas"], rt, kern.resident_ctas(x.device, 128))
+    tiles, splits, bps, _ = launch_config(m, n, kw, cfg["target_ctas"], rt, kern.resident_ctas(x.device, 128))
     y, ws, cnt, bias = cuda_common.outputs(x, n, splits, tiles, bias)
     kern(x.device, (tiles, splits), (128,),
          [x, p.qweight, p.scales, p.zeros, bias, y, ws, cnt,

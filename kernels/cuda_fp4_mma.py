@@ -271,7 +271,7 @@ def run(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
     x = cuda_common.checked_input("cuda.fp4.mma_gemv", p, x, unsupported, MAX_M)
     (m, k), n, kb = x.shape, p.n, p.qweight.shape[1]
     kern = variant(x.dtype == torch.bfloat16, cuda_common.mma_tiles(m), p.fmt, p.h, bias is not None)
-    tiles, splits, bps, mt = launch_config(m, n, kb, TARGET_CTAS, kern.resident_ctas(x.device, 128))
+    tiles, splits, bps, _ = launch_config(m, n, kb, TARGET_CTAS, kern.resident_ctas(x.device, 128))
     y, ws, cnt, bias = cuda_common.outputs(x, n, splits, tiles, bias)
     kern(x.device, (tiles, splits), (128,),
          [x, p.qweight, p.scales, p.rexp, bias, y, ws, cnt,

@@ -305,7 +305,7 @@ def run(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
     xk = _operand(x, p)
     (m, k), n = x.shape, p.n
     kern = variant(cuda_common.mma_tiles(m), bias is not None)
-    tiles, splits, bps, mt = launch_config(m, n, k, TARGET_CTAS, kern.resident_ctas(x.device, 128))
+    tiles, splits, bps, _ = launch_config(m, n, k, TARGET_CTAS, kern.resident_ctas(x.device, 128))
     y, ws, cnt, bias = cuda_common.outputs(x, n, splits, tiles, bias)
     kern(x.device, (tiles, splits), (128,),
          [xk, p.weight.view(torch.uint8), p.scales, p.rexp, bias, y, ws, cnt, m, n, k, xk.stride(0), bps, splits])

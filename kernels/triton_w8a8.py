@@ -40,7 +40,7 @@ import torch
 from omniq.dispatch import Layout
 from omniq.errors import KernelError, where
 from omniq.kernels._common import (float_dot_dtype, interpreting, launch_grid, layered_config, next_pow2,
-                                   split_workspace, tl, triton)
+                                   sm_count, split_workspace, tl, triton)
 from omniq.kernels.triton_affine import tile_counters
 
 if triton is not None:
@@ -409,16 +409,16 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 ONE_PASS_MAX_K = 16384   # rows up to this K stay in registers: x is read once
 SPLIT_CHUNK = 1024       # columns cast per program when programs share a row (quant_split)
-SPLIT_MAX_PROGRAMS = 132  # ... while the grid has at most about one program per H200 SM
 
 
-def quant_split(act: int, m: int, k: int) -> int:
+def quant_split(act: int, m: int, k: int, sms: int = 132) -> int:
     """Programs per row for the activation quantizer: 1, or for a decode-size M of a one-pass mode
-    enough that each casts about SPLIT_CHUNK columns (a power of two, so they tile BLOCK_K)."""
+    enough that each casts about SPLIT_CHUNK columns (a power of two, so they tile BLOCK_K), while
+    the grid keeps to about one program per SM (`sms`; 132 on an H200)."""
     if act == ACT_BLOCK or next_pow2(k) > ONE_PASS_MAX_K:
         return 1
     split = max(1, next_pow2(k) // SPLIT_CHUNK)
-    while split > 1 and m * split > SPLIT_MAX_PROGRAMS:
+    while split > 1 and m * split > sms:
         split //= 2
     return split
 
@@ -445,7 +445,7 @@ def quantize_activation(x: torch.Tensor, act: int, fp8: bool, symmetric: bool = 
     in_z = input_zero_point if input_zero_point is not None else in_s
     one_pass = act != ACT_BLOCK and next_pow2(k) <= ONE_PASS_MAX_K
     bk = BLOCK if act == ACT_BLOCK else (next_pow2(k) if one_pass else 4096)
-    split = quant_split(act, m, k) if split is None else split
+    split = quant_split(act, m, k, sm_count(x.device)) if split is None else split
     if split < 1 or split & (split - 1) or (split > 1 and not one_pass) or split > bk:
         raise ValueError(f"quantize_activation: split={split} must be a power of two <= {bk}, and 1 unless the "
                          f"row is cast in one pass (K={k}, act={act})")

@@ -197,7 +197,9 @@ def test_quant_split_rule():
     for m in (1, 3, 16, 40):
         for k in (128, 3000, 8192, 16384):
             sp = w8a8.quant_split(w8a8.ACT_TOKEN, m, k)
-            assert sp & (sp - 1) == 0 and (sp == 1 or m * sp <= w8a8.SPLIT_MAX_PROGRAMS)
+            assert sp & (sp - 1) == 0 and (sp == 1 or m * sp <= 132)
+    # the cap follows the device's SM count
+    assert w8a8.quant_split(w8a8.ACT_TOKEN, 1, 12288, sms=8) == 8 and w8a8.quant_split(w8a8.ACT_TOKEN, 4, 8192, sms=8) == 2
 
 
 def test_quantize_activation_refuses_a_bad_split():
@@ -323,3 +325,21 @@ def test_prepared_layouts_keep_the_memory_promise(name, params):
         except KernelError:
             continue  # the layout does not take this scheme
         assert _nbytes(prepared) <= 1.05 * sch.nominal_nbytes(n, k), (layout.name, _nbytes(prepared))
+
+
+@pytest.mark.parametrize("name,params", [("fp8", {}), ("fp8", {"activation": "dynamic_tensor"}),
+                                         ("fp8", {"activation": "static_tensor", "input_scale": 0.02}),
+                                         ("int8", {}), ("w8a8_dynamic", {})])
+def test_torch_fallback_quantizer_gives_the_schemes_codes(name, params):
+    """backends/cuda.py's quantizer for machines without Triton runs the schemes' own code-and-scale
+    functions: its codes times its scales are the scheme's fake-quantized activation, bit for bit."""
+    from omniq.backends.cuda import _quantize_torch
+    sch = omniq.get_scheme(name, **params)
+    qw = quantized(sch, 8, 300, 0)
+    p = w8a8.prepare_w8a8(qw, torch.device("cpu"))
+    for i, dist in enumerate(("normal", "heavy", "zero_rows")):
+        x = make_tensor((9, 300), dist, 30 + i)
+        q, s, azp = _quantize_torch(x, p)
+        assert azp is None and s.shape == (9,) and s.is_contiguous()
+        got = (q.float() * s[:, None]).float()
+        assert torch.equal(got, sch.quantize_activation(x, qw)), f"{sch.key} {dist}"

@@ -57,16 +57,19 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def cubin_report(cubin: bytes) -> dict:
-    """Registers / local (spill) / shared memory of a cubin's kernel, its SASS instruction count and
-    a hash of that SASS (cuobjdump)."""
-    tool = _cuobjdump()
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """cuobjdump's text for a cubin (`-sass`, `-res-usage`)."""
     with tempfile.TemporaryDirectory() as tmp:
         cub = os.path.join(tmp, "k.cubin")
         with open(cub, "wb") as f:
             f.write(cubin)
-        res = subprocess.run([tool, "-res-usage", cub], capture_output=True, text=True).stdout
-        sass = subprocess.run([tool, "-sass", cub], capture_output=True, text=True).stdout
+        return subprocess.run([_cuobjdump(), flag, cub], capture_output=True, text=True).stdout
+
+
+def cubin_report(cubin: bytes) -> dict:
+    """Registers / stack (spills) / local / shared memory of a cubin's kernel, its SASS
+    instruction and spill (STL / LDL) counts, a hash of that SASS, and the SASS text ('sass')."""
+    res, sass = cuobjdump(cubin, "-res-usage"), cuobjdump(cubin, "-sass")
     code = sass_code(sass)
     # STACK too: spilled registers live in the stack frame while LOCAL (local arrays) stays 0, so
     # LOCAL alone reads "no spills" for a kernel that spills; STL / LDL count the spill traffic
@@ -75,7 +78,7 @@ def cubin_report(cubin: bytes) -> dict:
     # (each instruction's encoding line leaves an empty entry: kept in the hash, as before)
     return {"usage": usage, "instructions": len(ops),
             "spill_stores": sum(o.startswith("STL") for o in ops), "spill_loads": sum(o.startswith("LDL") for o in ops),
-            "hash": hashlib.md5("\n".join(code).encode()).hexdigest()[:12]}
+            "hash": hashlib.md5("\n".join(code).encode()).hexdigest()[:12], "sass": sass}
 
 
 def sass_code(sass: str) -> list:

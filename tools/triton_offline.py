@@ -31,25 +31,18 @@ import inspect
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from nvrtc_offline import _cuobjdump, cubin_report  # noqa: E402
+from nvrtc_offline import cubin_report, sass_opcodes  # noqa: E402
 
 
-def sass_loops(cubin: bytes) -> list:
-    """The SASS loops of a cubin (each backward branch and its target), largest first:
+def sass_loops(sass: str) -> list:
+    """The loops of cuobjdump -sass text (each backward branch and its target), largest first:
     {'instructions': SASS instructions in the body, 'loads': {global load opcode: count}
     (LDG.* with its width suffix, LDGSTS.* = cp.async copies global -> shared), 'ops': {opcode
     without suffixes: count}}."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cub = os.path.join(tmp, "k.cubin")
-        with open(cub, "wb") as f:
-            f.write(cubin)
-        sass = subprocess.run([_cuobjdump(), "-sass", cub], capture_output=True, text=True).stdout
     code = []   # (address, instruction text)
     for ln in sass.splitlines():
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", ln)
@@ -59,12 +52,11 @@ def sass_loops(cubin: bytes) -> list:
     for addr, ins in code:
         b = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", ins)
         if b and int(b.group(1), 16) <= addr:
-            body = [i for a, i in code if int(b.group(1), 16) <= a <= addr]
-            ops = Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0] for i in body)
+            ops = Counter(sass_opcodes([i for a, i in code if int(b.group(1), 16) <= a <= addr]))
             base = Counter()
             for k, v in ops.items():
                 base[k.split(".")[0]] += v
-            loops.append({"instructions": len(body),
+            loops.append({"instructions": sum(ops.values()),
                           "loads": dict(sorted((k, v) for k, v in ops.items() if k.startswith(("LDG", "LDGSTS")))),
                           "ops": dict(base.most_common())})
     return sorted(loops, key=lambda d: -d["instructions"])
@@ -106,7 +98,7 @@ def compile_report(fn, signature: dict, constants: dict, num_warps: int = 4, num
     rep["ptx"] = {c: ptx.count(c) for c in count}
     rep["loads"] = dict(sorted(Counter(re.findall(r"\bld\.global[.\w]*", ptx)).items()))
     rep["ptx_text"] = ptx
-    rep["loops"] = sass_loops(kern.asm["cubin"])
+    rep["loops"] = sass_loops(rep.pop("sass"))
     return rep
 
 

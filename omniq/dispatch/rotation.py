@@ -129,5 +129,5 @@ def rotation_copies(nbytes: int, device: torch.device, cap: int = 8) -> int:
 def rotating_copies(prepared, device: torch.device, cap: int = 8) -> list:
     """[prepared, clone, ...]: enough independent copies to keep each one out of L2 by the time
     it is read again (one off CUDA, or when the object holds no tensor to copy)."""
-    n = rotation_copies(prepared_nbytes(prepared), device, cap) if prepared_tensors(prepared) else 1
+    n = rotation_copies(prepared_nbytes(prepared), device, cap)
     return [prepared] + [clone_prepared(prepared) for _ in range(n - 1)]

@@ -42,6 +42,24 @@ def check_input_scale(scheme_name: str, activation, input_scale) -> None:
                          f"float (or None to calibrate it from sample activations)")
 
 
+def fp8_activation_codes(x: torch.Tensor, activation: str, input_scale: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes e4m3, scale) of x (fp32 [M, K]) for a dynamic_token / dynamic_tensor / static_tensor
+    activation: what FP8Scheme.quantize_activation fake-quantizes with, and what a kernel that
+    needs codes and scales computes. scale: [M, 1] per token, else a 0-dim tensor."""
+    if activation == "dynamic_token":
+        s = div_const(x.abs().amax(dim=-1, keepdim=True), E4M3_MAX).clamp(min=TOKEN_SCALE_MIN)
+        return saturating_cast(x / s), s
+    if activation == "dynamic_tensor":
+        s = div_const(x.abs().amax(), E4M3_MAX)
+        inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+        return saturating_cast(x * inv), s
+    if activation == "static_tensor":
+        s = input_scale.float().reshape(())
+        return saturating_cast(x * (1.0 / s)), s
+    raise ValueError(f"fp8 activation {activation!r}: no per-token or per-tensor codes (block groups are 1 x 128)")
+
+
 def _block_amax(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """amax of |t| over (rows x cols) tiles, partial edge tiles included."""
     n, k = t.shape
@@ -146,16 +164,9 @@ class FP8Scheme(QuantScheme):
         x = x.float()
         if self.activation is None:
             return x
-        if self.activation == "dynamic_token":
-            s = div_const(x.abs().amax(dim=-1, keepdim=True), E4M3_MAX).clamp(min=TOKEN_SCALE_MIN)
-            return saturating_cast(x / s).float() * s
-        if self.activation == "dynamic_tensor":
-            s = div_const(x.abs().amax(), E4M3_MAX)
-            inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-            return saturating_cast(x * inv).float() * s
-        if self.activation == "static_tensor":
-            s = qw.tensors["input_scale"].float().reshape(())
-            return saturating_cast(x * (1.0 / s)).float() * s
+        if self.activation != "block":
+            q, s = fp8_activation_codes(x, self.activation, qw.tensors.get("input_scale"))
+            return q.float() * s
         # "block": 1 x 128 groups along K; the last group may be partial
         m, k = x.shape
         g = _ceil_div(k, BLOCK)

@@ -37,6 +37,26 @@ def _azp_fake_quant(x: torch.Tensor, inv_s: torch.Tensor, azp: torch.Tensor, s: 
     return (q - azp).float() * s
 
 
+def int8_token_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale [M, 1]) of symmetric per-token int8 quantization of x (fp32 [M, K]), codes as
+    fp32 integers: x times 127 / amax (one rounding: a tensor numerator, as torch computes
+    `127 / t` as reciprocal(t) * 127), rounded half to even and saturated; scale amax / 127."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, QMAX) / amax, torch.zeros_like(amax))
+    return _sat_s8(torch.round(x * inv)), div_const(amax, QMAX)
+
+
+def int8_token_asym_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) [M, 1] of asymmetric per-token int8 quantization of x (fp32 [M, K]):
+    (max - min) / 255, and round(-128 - min / scale) clamped to int32 as vLLM's cvt.rni.sat.s32
+    does for tiny scales."""
+    lo = x.amin(dim=-1, keepdim=True)
+    hi = x.amax(dim=-1, keepdim=True)
+    s = div_const(hi - lo, 255.0)
+    s = torch.where(s > 0, s, div_const(hi.abs(), QMAX).clamp(min=_TINY))
+    return s, torch.round(-128.0 - lo / s).clamp(-2.0**31, 2.0**31 - 1)
+
+
 @scheme("int8", aliases=("w8a8_int8",))
 @dataclass(frozen=True)
 class Int8Scheme(QuantScheme):
@@ -140,16 +160,9 @@ class Int8Scheme(QuantScheme):
                 return _sat_s8(torch.round(x / s)) * s
             return _azp_fake_quant(x, 1.0 / s, qw.tensors["input_zero_point"].reshape(()), s)
         if self.act_symmetric:
-            amax = x.abs().amax(dim=-1, keepdim=True)
-            # a tensor numerator: torch computes `127 / t` as reciprocal(t) * 127, two roundings
-            inv = torch.where(amax > 0, torch.full_like(amax, QMAX) / amax, torch.zeros_like(amax))
-            return _sat_s8(torch.round(x * inv)) * div_const(amax, QMAX)
-        lo = x.amin(dim=-1, keepdim=True)
-        hi = x.amax(dim=-1, keepdim=True)
-        s = div_const(hi - lo, 255.0)
-        s = torch.where(s > 0, s, div_const(hi.abs(), QMAX).clamp(min=_TINY))
-        # clamped to int32 as vLLM's cvt.rni.sat.s32 does for tiny scales
-        azp = torch.round(-128.0 - lo / s).clamp(-2.0**31, 2.0**31 - 1)
+            q, s = int8_token_codes(x)
+            return q * s
+        s, azp = int8_token_asym_params(x)
         return _azp_fake_quant(x, 1.0 / s, azp, s)
 
     def calibrate(self, qw: QuantizedWeight, x: torch.Tensor) -> QuantizedWeight:
