@@ -19,6 +19,7 @@ from omniq.backends import npu
 from omniq.dispatch import Problem, get_kernel
 from omniq.errors import OmniqError
 from omniq.schemes.base import QuantizedWeight
+from omniq.schemes.int8 import int8_token_codes
 
 from _vendor_emulation import FakeTorchNpu, fake_torch_npu
 
@@ -126,11 +127,13 @@ def test_w8a8_dynamic_kernel(emu, seed, which, half_n, k, m, dtype, with_bias):
     tol = out_ulp(ref, x, w, dtype)
     if which == "int8":
         # the int8 scheme rounds x * (127/amax) (vLLM); npu_dynamic_quant rounds x / (amax/127).
-        # Where they differ by a code, y moves by s_t * |W[n, k]| per code.
+        # Where they differ by a code, y moves by s_t * |W[n, k]| per code. The scheme's own
+        # codes are the comparand: `xf * (127 / amax)` in torch rounds the quotient twice and
+        # differs from them at ties (x = -amax/2 in fp16 once gave -63.5 exactly).
         xf = x.float()
         amax = xf.abs().amax(-1, keepdim=True)
         safe = torch.where(amax == 0, torch.ones_like(amax), amax)
-        dq = (torch.round(xf / (safe / 127)) - torch.round(xf * (127 / safe))).abs()
+        dq = (torch.round(xf / (safe / 127)) - int8_token_codes(xf)[0]).abs()
         tol = tol + (dq * (amax / 127)) @ w.abs().T
     check(got, ref, tol)
     ops = [c for c, _ in emu.calls]

@@ -179,8 +179,13 @@ def test_activation_codes_agree_with_vllm_ops(mode, k, data):
         q, s, z = vllm_ops.scaled_int8_quant(x, s_in, z_in, symmetric=sym)
     else:
         q, s, z = vllm_ops.scaled_int8_quant(x, None, None, symmetric=sym)
-        ok = (x.amax(-1) > x.amin(-1)) if not sym else torch.ones(x.shape[0], dtype=torch.bool)
-        x, q, s = x[ok], q[ok], s[ok]   # vLLM divides by zero on constant rows; omniq defines them
+        # vLLM divides by zero on constant rows (asymmetric) and gives zero rows scale 0
+        # (symmetric); omniq defines both. Zero rows must still give zero codes on both sides.
+        zero = x.eq(0).all(-1)
+        assert q[zero].eq(0 if sym else q[zero]).all()
+        assert scheme.quantize_activation(x[zero], qw).eq(0).all()
+        ok = (x.amax(-1) > x.amin(-1)) if not sym else ~zero
+        x, q, s = x[ok], q[ok], s[ok]
         z = None if z is None else z[ok]
         if x.shape[0] == 0:
             return

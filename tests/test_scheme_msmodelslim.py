@@ -211,8 +211,10 @@ def test_w8a8_dynamic_round_trip_and_affine_view(seed, n, k):
     torch.testing.assert_close(s.dequantize(qo), want)
     av = s.affine_view(qo)
     rep = lambda t: t.repeat_interleave(av.group_size, 1)  # noqa: E731
+    offsets = 0 if av.offsets is None else rep(av.offsets)   # None: every drawn offset was 0
+    assert (av.offsets is None) == bool((off == 0).all())
     # codes*s + (-off*s) rounds twice where (codes - off)*s rounds once: a few ulp of 130*s
-    torch.testing.assert_close(av.codes.float() * rep(av.scales) + rep(av.offsets), want, rtol=1e-6,
+    torch.testing.assert_close(av.codes.float() * rep(av.scales) + offsets, want, rtol=1e-6,
                                atol=float(sc.abs().max()) * 130 * 2.0**-22)
 
 
