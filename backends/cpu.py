@@ -46,7 +46,7 @@ from omniq.dispatch import CHECKPOINT, Kernel, Layout, register_kernel
 from omniq.errors import KernelError, where
 from omniq.schemes.base import QuantizedWeight
 from omniq.schemes.fp8 import fp8_activation_codes
-from omniq.schemes.int8 import int8_token_asym_params, int8_token_codes
+from omniq.schemes.int8 import int8_azp_codes, int8_token_asym_params, int8_token_codes
 from omniq.schemes.msmodelslim import quantize_per_token_int8
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -161,17 +161,12 @@ def quantize_int8_activation(x: torch.Tensor, p: Int8Prepared):
         return q.to(torch.int8), s, None
     if act == "token_asym":
         s, azp = int8_token_asym_params(xf)
-        azp = azp.double()
-        q = (torch.round(xf * (1.0 / s)).double() + azp).clamp_(QMIN, QMAX).to(torch.int8)
-        return q, s, azp
+        return int8_azp_codes(xf, s, azp).to(torch.int8), s, azp.double()
     if act == "static_sym":
         s = p.in_scale
         return torch.round(xf / s).clamp_(QMIN, QMAX).to(torch.int8), s, None
     if act == "static_asym":
-        s = p.in_scale
-        azp = p.in_zp.double()
-        q = (torch.round(xf * (1.0 / s)).double() + azp).clamp_(QMIN, QMAX).to(torch.int8)
-        return q, s, azp
+        return int8_azp_codes(xf, p.in_scale, p.in_zp).to(torch.int8), p.in_scale, p.in_zp.double()
     if act == "ms_static":  # msmodelslim.quantize_static_int8
         q = torch.round(xf / p.in_scale + p.in_zp).clamp_(QMIN, QMAX).to(torch.int8)
         return q, None, None

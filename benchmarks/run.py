@@ -67,7 +67,7 @@ import torch.nn.functional as F
 import omniq
 from omniq.cli import TUNE_M, TUNE_SHAPES, _value, default_device
 from omniq.dispatch import Problem, candidates
-from omniq.dispatch.rotation import clone_prepared, prepared_nbytes, prepared_tensors  # noqa: F401 - tests read them here
+from omniq.dispatch.rotation import MAX_COPIES, clone_prepared, copies_for, prepared_nbytes, prepared_tensors
 from omniq.dispatch.select import capture_graph
 
 # Every registered family with its common parameters (DiT / LLM checkpoints as published).
@@ -195,14 +195,9 @@ class OutOfTime(Exception):
 # Rotating-copies graph timing (GPU, --graph): one graph holds `inner` rounds over C copies of
 # the weight, so that each call reads a weight that is not in L2 (as a layer's weight is cold in
 # a forward pass) and one replay amortizes the graph launch over many calls.
-MAX_COPIES = 8              # C = ceil(3 * L2 / bytes of one copy), at most this, at least 1
+# C = omniq.dispatch.rotation.copies_for: ceil(3 * L2 / bytes of one copy), 1 to MAX_COPIES.
 GRAPH_TARGET_US = 500.0     # one replay should be at least this much GPU work ...
 GRAPH_MAX_CALLS = 64        # ... but a capture holds at most this many calls (inner * C)
-
-
-def copies_for(nbytes: int, l2_bytes: int, cap: int = MAX_COPIES) -> int:
-    """How many copies of a weight of `nbytes` make their rotation overflow an L2 of `l2_bytes` 3x."""
-    return max(1, min(cap, math.ceil(3 * l2_bytes / max(int(nbytes), 1))))
 
 
 def choose_inner(round_us: float, copies: int, target_us: float = GRAPH_TARGET_US,
@@ -671,7 +666,8 @@ def _add_gemlite(add, w, device, int4_parts, g, autotune=False):
         import gemlite  # noqa: F401
         from gemlite import helper
     except Exception as e:
-        add("gemlite", "-", lambda: (_ for _ in ()).throw(RuntimeError(f"gemlite not importable: {e}")))
+        why = f"gemlite not importable: {e}"   # `e` is unbound once the except block ends
+        add("gemlite", "-", lambda: (_ for _ in ()).throw(RuntimeError(why)))
         return
     if not autotune:
         _gemlite_no_autotune(gemlite)

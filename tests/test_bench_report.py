@@ -1,5 +1,5 @@
-"""benchmarks/run.py's plain-Python parts: the rotating copies of --graph (clone_prepared, the copy
-count and the rounds per graph), the graph timing arithmetic (with a stand-in for CUDA graphs),
+"""benchmarks/run.py's plain-Python parts: the rotating copies of --graph (made by
+omniq.dispatch.rotation: clone_prepared, the copy count; and the rounds per graph), the graph timing arithmetic (with a stand-in for CUDA graphs),
 the scheme -> issue method map, the markdown report and --from-json, and --chosen-only."""
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import omniq
+from omniq.dispatch import rotation
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +62,7 @@ class _Plain:
 
 
 def _all_tensors(obj, acc=None):
-    """An oracle walk independent of run.prepared_tensors: the tensors of the test objects above."""
+    """An oracle walk independent of rotation.prepared_tensors: the tensors of the test objects above."""
     acc = [] if acc is None else acc
     if isinstance(obj, torch.Tensor):
         if not any(t is obj for t in acc):
@@ -102,7 +103,7 @@ def test_clone_prepared_copies_every_tensor_and_shares_the_rest(n, k, has_zeros,
     p = _Prep(qweight, scales, torch.ones(n) if has_zeros else None,
               extra=(shared, [shared, {"w": _Frozen(torch.randn(3, generator=g))}], Pair(1, torch.zeros(2)), "s"),
               n=n, name="layer")
-    c = run.clone_prepared(p)
+    c = rotation.clone_prepared(p)
     assert type(c) is _Prep and c is not p
     _assert_independent_copy(p, c)
     assert c.n == n and c.name == "layer" and c.extra[3] == "s"
@@ -112,28 +113,28 @@ def test_clone_prepared_copies_every_tensor_and_shares_the_rest(n, k, has_zeros,
     assert isinstance(c.extra[2], Pair) and c.extra[2].a == 1
     assert isinstance(c.extra[1][1]["w"], _Frozen) and c.extra[1][1]["w"].tag == "x"
     nbytes = sum(t.numel() * t.element_size() for t in _all_tensors(p))
-    assert run.prepared_nbytes(p) == nbytes
-    assert run.prepared_nbytes(c) == nbytes
+    assert rotation.prepared_nbytes(p) == nbytes
+    assert rotation.prepared_nbytes(c) == nbytes
 
 
 def test_clone_prepared_of_plain_objects_tensors_and_quantized_weights():
     t = torch.randn(4, 4)
-    ct = run.clone_prepared(t)
+    ct = rotation.clone_prepared(t)
     assert ct is not t and torch.equal(ct, t) and ct.data_ptr() != t.data_ptr()
     d = {"a": torch.randn(3), "b": (torch.randn(2), 5)}
-    _assert_independent_copy(d, run.clone_prepared(d))
+    _assert_independent_copy(d, rotation.clone_prepared(d))
     plain = _Plain({"w": torch.randn(5)})
-    cp = run.clone_prepared(plain)
+    cp = rotation.clone_prepared(plain)
     _assert_independent_copy(plain, cp)
     assert cp.scheme is plain.scheme  # a scheme holds no tensor: shared, not copied
     qw = omniq.get_scheme("gptq", bits=4, group_size=64).quantize(torch.randn(32, 128) * 0.02)
-    cq = run.clone_prepared(qw)
+    cq = rotation.clone_prepared(qw)
     assert isinstance(cq, omniq.QuantizedWeight) and cq.scheme is qw.scheme and cq.shape == qw.shape
     _assert_independent_copy(qw, cq)
     # nothing to copy: the object itself comes back
     nothing = _Plain({"k": 3})
-    assert run.clone_prepared(nothing) is nothing
-    assert run.prepared_tensors(nothing) == [] and run.prepared_nbytes(nothing) == 0
+    assert rotation.clone_prepared(nothing) is nothing
+    assert rotation.prepared_tensors(nothing) == [] and rotation.prepared_nbytes(nothing) == 0
 
 
 @pytest.mark.parametrize("spec", ["int8", "gptq:bits=4:group_size=64", "fp8"])
@@ -149,11 +150,11 @@ def test_a_kernel_on_a_cloned_layout_gives_the_same_output(spec):
     tried = 0
     for kern in candidates(Problem(scheme, n, k, m, torch.bfloat16, dev)):
         prep = kern.layout.prepare(qw, dev)
-        if not run.prepared_tensors(prep):
+        if not rotation.prepared_tensors(prep):
             continue  # opaque packed data (fbgemm): nothing clone_prepared could copy
-        clone = run.clone_prepared(prep)
-        ptrs = {t.data_ptr() for t in run.prepared_tensors(prep)}
-        assert not ptrs & {t.data_ptr() for t in run.prepared_tensors(clone)}, kern.name
+        clone = rotation.clone_prepared(prep)
+        ptrs = {t.data_ptr() for t in rotation.prepared_tensors(prep)}
+        assert not ptrs & {t.data_ptr() for t in rotation.prepared_tensors(clone)}, kern.name
         assert torch.equal(kern.run(x, prep, None), kern.run(x, clone, None)), kern.name
         tried += 1
     assert tried
@@ -162,14 +163,14 @@ def test_a_kernel_on_a_cloned_layout_gives_the_same_output(spec):
 # ---- copies and rounds ------------------------------------------------------------------------
 @given(nbytes=st.integers(1, 1 << 31), l2=st.integers(1 << 20, 1 << 28))
 def test_copies_for_overflows_l2_three_times_or_hits_the_cap(nbytes, l2):
-    c = run.copies_for(nbytes, l2)
-    assert 1 <= c <= run.MAX_COPIES
-    if c < run.MAX_COPIES:
+    c = rotation.copies_for(nbytes, l2)
+    assert 1 <= c <= rotation.MAX_COPIES
+    if c < rotation.MAX_COPIES:
         assert c * nbytes >= 3 * l2 or c == 1
     if c > 1:
         assert (c - 1) * nbytes < 3 * l2  # no more copies than needed
     # the H200's numbers: a bf16 8192 x 8192 weight (128 MiB) against a 60 MiB L2 -> 2 copies
-    assert run.copies_for(8192 * 8192 * 2, 60 << 20) == 2
+    assert rotation.copies_for(8192 * 8192 * 2, 60 << 20) == 2
 
 
 @given(round_us=st.floats(0.5, 50_000), copies=st.integers(1, 8))
@@ -236,7 +237,7 @@ def test_copies_only_when_timing_graphs_on_a_gpu():
     timer = run.Timer(torch.device("cpu"), budget_s=0.01, max_reps=5, graph=True, slow_s=10.0)
     assert timer.copies(1) == 1  # a CPU never rotates (its path is unchanged)
     timer.rotating, timer.l2_bytes = True, 60 << 20
-    assert timer.copies(32 << 20) == run.copies_for(32 << 20, 60 << 20) == 6
+    assert timer.copies(32 << 20) == rotation.copies_for(32 << 20, 60 << 20) == 6
 
 
 # ---- scheme -> method of the issue ------------------------------------------------------------

@@ -118,15 +118,23 @@ def prepared_nbytes(obj) -> int:
     return sum(t.numel() * t.element_size() for t in prepared_tensors(obj))
 
 
-def rotation_copies(nbytes: int, device: torch.device, cap: int = 8) -> int:
-    """Weight copies that together exceed 3x the L2 cache (1 off CUDA), at most `cap`."""
+MAX_COPIES = 8
+
+
+def copies_for(nbytes: int, l2_bytes: int, cap: int = MAX_COPIES) -> int:
+    """How many copies of a weight of `nbytes` make their rotation overflow an L2 of `l2_bytes`
+    3x: at least 1, at most `cap`."""
+    return max(1, min(cap, -(-3 * l2_bytes // max(int(nbytes), 1))))
+
+
+def rotation_copies(nbytes: int, device: torch.device, cap: int = MAX_COPIES) -> int:
+    """copies_for this device's L2 (1 off CUDA, or for an object with no tensor bytes)."""
     if device.type != "cuda" or nbytes <= 0:
         return 1
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    return max(1, min(cap, -(-3 * l2 // nbytes)))
+    return copies_for(nbytes, torch.cuda.get_device_properties(device).L2_cache_size, cap)
 
 
-def rotating_copies(prepared, device: torch.device, cap: int = 8) -> list:
+def rotating_copies(prepared, device: torch.device, cap: int = MAX_COPIES) -> list:
     """[prepared, clone, ...]: enough independent copies to keep each one out of L2 by the time
     it is read again (one off CUDA, or when the object holds no tensor to copy)."""
     n = rotation_copies(prepared_nbytes(prepared), device, cap)

@@ -29,12 +29,15 @@ def _sat_s8(v: torch.Tensor) -> torch.Tensor:
     return v.clamp(QMIN, QMAX)
 
 
-def _azp_fake_quant(x: torch.Tensor, inv_s: torch.Tensor, azp: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """(sat_s8(rint(x * inv_s) + azp) - azp) * s, with the integer steps exact (float64), as in
-    vLLM's int32 arithmetic."""
-    azp = azp.double()
-    q = _sat_s8(torch.round(x * inv_s).double() + azp)
-    return (q - azp).float() * s
+def int8_azp_codes(x: torch.Tensor, s: torch.Tensor, azp: torch.Tensor) -> torch.Tensor:
+    """Asymmetric int8 codes sat_s8(rint(x * (1 / s)) + azp), float64 (the integer steps exact, as
+    in vLLM's int32 arithmetic)."""
+    return _sat_s8(torch.round(x * (1.0 / s)).double() + azp.double())
+
+
+def _azp_fake_quant(x: torch.Tensor, s: torch.Tensor, azp: torch.Tensor) -> torch.Tensor:
+    """(int8_azp_codes - azp) * s."""
+    return (int8_azp_codes(x, s, azp) - azp.double()).float() * s
 
 
 def int8_token_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,12 +161,12 @@ class Int8Scheme(QuantScheme):
             s = qw.tensors["input_scale"].float().reshape(())
             if self.act_symmetric:
                 return _sat_s8(torch.round(x / s)) * s
-            return _azp_fake_quant(x, 1.0 / s, qw.tensors["input_zero_point"].reshape(()), s)
+            return _azp_fake_quant(x, s, qw.tensors["input_zero_point"].reshape(()))
         if self.act_symmetric:
             q, s = int8_token_codes(x)
             return q * s
         s, azp = int8_token_asym_params(x)
-        return _azp_fake_quant(x, 1.0 / s, azp, s)
+        return _azp_fake_quant(x, s, azp)
 
     def calibrate(self, qw: QuantizedWeight, x: torch.Tensor) -> QuantizedWeight:
         """static_tensor: input_scale (and input_zero_point) from sample activations `x` [..., K]."""
